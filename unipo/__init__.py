@@ -1,0 +1,3 @@
+"""unipo: Unified Policy Optimization for language-model post-training."""
+
+__version__ = "0.1.0"
