@@ -41,6 +41,9 @@ class Registry(Mapping[str, F], Generic[F]):
     def __getitem__(self, name: str) -> F:
         return self.get(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -1,0 +1,255 @@
+"""Rollout collection: prompts -> completions (rollouts, expert traces, hinted re-rolls) -> rewards.
+
+Produces one `RolloutBatch`, the typed record that travels from collection to the update.
+Which rows exist is the recipe's data-source slot: `G - expert_per_group` rollouts per prompt,
+`expert_per_group` copies of the task's demonstration, GHPO hints for groups that all failed,
+and DAPO's dynamic sampling refill. No algorithm is named here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from unipo.config import Recipe, RolloutConfig
+from unipo.core.hybrid import ghpo_needs_hint
+from unipo.core.selection import informative_groups, overlong_reward_penalty
+from unipo.models import format_prompt
+from unipo.rollout import generate
+from unipo.tasks.base import Problem, Task, extract_answer, score_completions
+
+
+@dataclass
+class RolloutBatch:
+    """B rows of (prompt, completion) with everything the update needs. Row tensors are [B]."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, T) right-padded
+    completion_mask: torch.Tensor  # (B, T) 1 on completion tokens incl. EOS
+    sampling_logp: torch.Tensor  # (B, T) log-prob under the sampler; 0 on expert rows
+    rewards: torch.Tensor  # (B,) task reward plus shaping
+    correct: torch.Tensor  # (B,) bool: task reward is full marks
+    group_ids: torch.Tensor  # (B,) advantage groups
+    prompt_index: torch.Tensor  # (B,) which prompt of the step
+    off_policy: torch.Tensor  # (B,) bool: expert trace, not sampled from the policy
+    truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
+    answer_ids: torch.Tensor  # (B,) cluster id of the extracted final answer
+    hinted: torch.Tensor  # (B,) bool: rolled out with a GHPO hint in the prompt
+    texts: list[str]
+    reward_errors: int = 0
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def rows(self, index: torch.Tensor) -> RolloutBatch:
+        """A sub-batch of the given rows (a LongTensor or bool mask)."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[index.to(value.device)]
+            elif isinstance(value, list):
+                picked[f.name] = [value[i] for i in index.tolist()]
+            else:
+                picked[f.name] = value
+        return RolloutBatch(**picked)
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Stack batches, left-padding prompts and right-padding completions to common widths."""
+        width_p = max(b.prompt_ids.shape[1] for b in batches)
+        width_t = max(b.completion_ids.shape[1] for b in batches)
+        out = {}
+        for f in fields(RolloutBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if f.name in ("prompt_ids", "prompt_mask"):
+                out[f.name] = torch.cat([_pad(v, width_p, left=True) for v in values])
+            elif f.name in ("completion_ids", "completion_mask", "sampling_logp"):
+                out[f.name] = torch.cat([_pad(v, width_t, left=False) for v in values])
+            elif isinstance(values[0], torch.Tensor):
+                out[f.name] = torch.cat(values)
+            elif isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            else:
+                out[f.name] = sum(values)
+        return RolloutBatch(**out)
+
+
+def _pad(t: torch.Tensor, width: int, *, left: bool, value: int = 0) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, *, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), padded to the longest on the given side."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, span] = torch.tensor(seq, dtype=torch.long)
+            mask[row, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RolloutCollector:
+    """Turns a step's prompts into a scored `RolloutBatch` following the recipe's data slot."""
+
+    def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
+                 *, max_new_tokens: int, device: torch.device, generator: torch.Generator) -> None:
+        self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
+        self.cfg, self.max_new_tokens, self.device, self.generator = rollout, max_new_tokens, device, generator
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    # -- public -------------------------------------------------------------------------
+    def collect(self, *, seed: int, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """One step's batch; with dynamic sampling, refilled with informative groups."""
+        want = self.cfg.prompts_per_step
+        kept: list[RolloutBatch] = []
+        n_groups = tries = generated_groups = 0
+        while n_groups < want:
+            problems = self.task.sample(want, seed=_mix_seed(seed, step, tries), split="train")
+            batch = self._rollout(problems, first_index=generated_groups)
+            generated_groups += len(problems)
+            if self.recipe.dynamic_sampling:
+                on = ~batch.off_policy
+                informative = informative_groups(batch.rewards[on], batch.prompt_index[on])
+                good_prompts = batch.prompt_index[on][informative].unique()
+                batch = batch.rows(torch.isin(batch.prompt_index, good_prompts))
+            if len(batch):
+                kept.append(batch)
+                n_groups += int(batch.prompt_index.unique().numel())
+            tries += 1
+            if not self.recipe.dynamic_sampling or tries > self.cfg.max_resample_tries:
+                break
+        stats = {"rollout/generation_rounds": float(tries), "rollout/groups_kept": float(n_groups)}
+        if not kept:
+            return self._empty(), stats
+        batch = RolloutBatch.concat(kept)
+        # Keep exactly `want` groups (the last round may overshoot) and renumber prompts 0..n-1.
+        prompts = batch.prompt_index.unique()[:want]
+        batch = batch.rows(torch.isin(batch.prompt_index, prompts))
+        renumber = torch.searchsorted(prompts, batch.prompt_index)
+        private = batch.group_ids < 0  # expert rows kept out of the rollouts' group
+        batch.prompt_index = renumber
+        batch.group_ids = torch.where(private, -(renumber + 1), renumber)
+        return batch, stats
+
+    # -- internals ----------------------------------------------------------------------
+    def _encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer(format_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"]
+
+    def _encode_completion(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def _rollout(self, problems: list[Problem], first_index: int) -> RolloutBatch:
+        n_expert = self.recipe.expert_per_group
+        n_policy = self.cfg.group_size - n_expert if self.recipe.data == "mixed" else (
+            0 if self.recipe.data == "expert" else self.cfg.group_size)
+        prompts = [self._encode_prompt(p.prompt) for p in problems]
+        parts = []
+        if n_policy:
+            parts.append(self._sample(problems, prompts, list(range(len(problems))), n_policy, first_index))
+            if self.recipe.hint_fractions:
+                parts[0] = self._hint_failed_groups(problems, prompts, parts[0], n_policy, first_index)
+        if n_expert:
+            parts.append(self._expert_rows(problems, prompts, n_expert, first_index))
+        batch = RolloutBatch.concat(parts)
+        answers = [extract_answer(t) for t in batch.texts]
+        ids = {a: i for i, a in enumerate(dict.fromkeys(answers))}
+        batch.answer_ids = torch.tensor([ids[a] for a in answers], device=self.device)
+        return batch
+
+    def _sample(self, problems, prompts, which: list[int], n: int, first_index: int,
+                hints: list[str] | None = None) -> RolloutBatch:
+        """n rollouts for each prompt in `which` (optionally with a hint appended to it)."""
+        hints = hints or [""] * len(which)
+        prompt_tokens = [prompts[i] + (self.tokenizer(h, add_special_tokens=False)["input_ids"] if h else [])
+                         for i, h in zip(which, hints)]
+        gen = generate(self.model, prompt_tokens, group_size=n, max_new_tokens=self.max_new_tokens,
+                       eos_token_id=self.eos_id, pad_token_id=self.pad_id, temperature=self.cfg.temperature,
+                       top_p=self.cfg.top_p, generator=self.generator)
+        texts = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
+        row_problem = [problems[i] for i in which for _ in range(n)]
+        row_hint = [h for h in hints for _ in range(n)]
+        full_texts = [h + t for h, t in zip(row_hint, texts)]
+        scores, errors = score_completions(self.task, row_problem, full_texts)
+        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        correct = rewards >= 1.0
+        if self.recipe.overlong_buffer:
+            lengths = gen.completion_mask.sum(1)
+            buffer = min(self.recipe.overlong_buffer, self.max_new_tokens)
+            rewards = rewards + overlong_reward_penalty(lengths, self.max_new_tokens, buffer).to(rewards.dtype)
+        prompt_index = torch.tensor([first_index + i for i in which for _ in range(n)], device=self.device)
+        rows = len(full_texts)
+        return RolloutBatch(
+            prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, completion_ids=gen.completion_ids,
+            completion_mask=gen.completion_mask, sampling_logp=gen.sampling_logp, rewards=rewards,
+            correct=correct, group_ids=prompt_index.clone(), prompt_index=prompt_index,
+            off_policy=torch.zeros(rows, dtype=torch.bool, device=self.device), truncated=gen.truncated,
+            answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
+            hinted=torch.full((rows,), bool(hints[0]), device=self.device), texts=full_texts,
+            reward_errors=errors)
+
+    def _hint_failed_groups(self, problems, prompts, batch: RolloutBatch, n: int, first_index: int) -> RolloutBatch:
+        """GHPO (arXiv 2507.10628): re-roll groups where every rollout failed, with a growing
+        prefix of the expert solution appended to the prompt, until some rollout succeeds."""
+        for fraction in self.recipe.hint_fractions:
+            failed = ghpo_needs_hint(batch.correct.float(), batch.prompt_index)
+            failed_prompts = sorted(set((batch.prompt_index[failed] - first_index).tolist()))
+            failed_prompts = [i for i in failed_prompts if problems[i].demonstration]
+            if not failed_prompts:
+                break
+            hints = [_hint(problems[i].demonstration, fraction) for i in failed_prompts]
+            rerolled = self._sample(problems, prompts, failed_prompts, n, first_index, hints)
+            keep = ~torch.isin(batch.prompt_index, rerolled.prompt_index)
+            batch = RolloutBatch.concat([batch.rows(keep), rerolled])
+        return batch
+
+    def _expert_rows(self, problems, prompts, n: int, first_index: int) -> RolloutBatch:
+        demos = [p.demonstration or p.answer for p in problems]
+        completion = [self._encode_completion(d) for d in demos for _ in range(n)]
+        prompt_rows = [prompts[i] for i in range(len(problems)) for _ in range(n)]
+        prompt_ids, prompt_mask = pad_sequences(prompt_rows, self.pad_id, left=True, device=self.device)
+        completion_ids, completion_mask = pad_sequences(completion, self.pad_id, left=False, device=self.device)
+        texts = [d for d in demos for _ in range(n)]
+        scores, errors = score_completions(self.task, [p for p in problems for _ in range(n)], texts)
+        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        prompt_index = torch.tensor([first_index + i for i in range(len(problems)) for _ in range(n)],
+                                    device=self.device)
+        # Expert rows outside the group get a private (negative) group: advantage 0, no
+        # influence on the rollouts' baseline.
+        group_ids = prompt_index.clone() if self.recipe.expert_in_group else -(prompt_index + 1)
+        rows = len(texts)
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, sampling_logp=torch.zeros(completion_ids.shape, device=self.device),
+            rewards=rewards, correct=rewards >= 1.0, group_ids=group_ids, prompt_index=prompt_index,
+            off_policy=torch.ones(rows, dtype=torch.bool, device=self.device),
+            truncated=torch.zeros(rows, dtype=torch.bool, device=self.device),
+            answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
+            hinted=torch.zeros(rows, dtype=torch.bool, device=self.device), texts=texts, reward_errors=errors)
+
+    def _empty(self) -> RolloutBatch:
+        z = torch.zeros((0, 1), dtype=torch.long, device=self.device)
+        e = torch.zeros(0, device=self.device)
+        return RolloutBatch(z, z, z, z, z.float(), e, e.bool(), e.long(), e.long(), e.bool(), e.bool(),
+                            e.long(), e.bool(), [])
+
+
+def _hint(demonstration: str, fraction: float) -> str:
+    return demonstration[: math.ceil(fraction * len(demonstration))]
+
+
+def _mix_seed(seed: int, step: int, attempt: int) -> int:
+    """A distinct, reproducible task-sampling seed per (run seed, step, attempt)."""
+    return (seed * 1_000_003 + step) * 97 + attempt

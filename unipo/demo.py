@@ -1,0 +1,95 @@
+"""`unipo demo`: the main job, end to end on the embedded tiny model, on a laptop CPU.
+
+1. build the tiny character-level Qwen2 model from a config (nothing is downloaded);
+2. warm-start it briefly with SFT on the task's expert demonstrations;
+3. train it with a hybrid-policy recipe (LUFFY: rollouts plus one expert trace per group);
+4. print held-out accuracy and pass@k before and after each stage, and leave run folders
+   with metrics, checkpoints and a plot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unipo.config import OptimConfig, RolloutConfig, TrainConfig
+from unipo.evaluation import evaluate_model
+from unipo.models import build_tiny_model
+from unipo.plotting import plot_run
+from unipo.recipes import get_recipe
+from unipo.runs import RunFolder
+from unipo.tasks.base import get_task
+from unipo.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    task: str = "addition:digits=2"
+    sft_steps: int = 150
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    rl_recipe: str = "luffy"
+    rl_steps: int = 200
+    rl_prompts: int = 16
+    rl_group: int = 8
+    rl_lr: float = 5e-4
+    eval_problems: int = 200
+    ks: tuple[int, ...] = (1, 4, 16)
+
+
+QUICK = DemoPlan(sft_steps=10, rl_steps=4, rl_prompts=4, rl_group=4, eval_problems=16, ks=(1, 4))
+
+
+def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: DemoPlan | None = None):
+    from rich.console import Console
+    from rich.table import Table
+
+    plan = plan or (QUICK if quick else DemoPlan())
+    console = Console()
+    torch.manual_seed(seed)
+    root = Path(out)
+    task = get_task(plan.task)
+    model, tokenizer = build_tiny_model("tiny", seed=seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"[bold]unipo demo[/]: tiny Qwen2 ({n_params / 1e6:.2f}M parameters, character tokenizer) "
+                  f"on {plan.task}; SFT warm start, then the hybrid-policy recipe [bold]{plan.rl_recipe}[/]")
+
+    def measure(stage: str, seconds: float) -> dict:
+        result = evaluate_model(model, tokenizer, task, n=plan.eval_problems, ks=plan.ks, seed=seed,
+                                max_new_tokens=task.max_new_tokens, temperature=1.0)
+        return {"stage": stage, **result, "seconds": seconds}
+
+    rows = [measure("initial (random init)", 0.0)]
+    stages = (
+        ("sft", plan.sft_steps, RolloutConfig(prompts_per_step=plan.sft_batch, group_size=1),
+         OptimConfig(lr=plan.sft_lr, micro_batch_size=256)),
+        (plan.rl_recipe, plan.rl_steps, RolloutConfig(prompts_per_step=plan.rl_prompts, group_size=plan.rl_group),
+         OptimConfig(lr=plan.rl_lr, micro_batch_size=256)),
+    )
+    for recipe_name, steps, rollout, optim in stages:
+        config = TrainConfig(recipe=get_recipe(recipe_name), task=plan.task, model="tiny", steps=steps,
+                             seed=seed, out=str(root / recipe_name), rollout=rollout, optim=optim,
+                             eval_problems=plan.eval_problems)
+        run = RunFolder(config.out)
+        run.write_config(config)
+        started = time.perf_counter()
+        Trainer(config, model=model, tokenizer=tokenizer, run=run).fit()
+        rows.append(measure(f"after {recipe_name} ({steps} steps)", time.perf_counter() - started))
+        plot_run(config.out)
+
+    table = Table(title=f"held-out {plan.task}: {plan.eval_problems} test problems")
+    table.add_column("stage")
+    for key in [k for k in rows[0] if k not in ("stage", "seconds")]:
+        table.add_column(key, justify="right")
+    table.add_column("train seconds", justify="right")
+    for row in rows:
+        values = [f"{v:.3f}" for k, v in row.items() if k not in ("stage", "seconds")]
+        table.add_row(row["stage"], *values, f"{row['seconds']:.0f}")
+    console.print(table)
+    gain = rows[-1]["accuracy"] - rows[-2]["accuracy"]
+    console.print(f"{plan.rl_recipe} changed held-out accuracy by {gain:+.3f} over the SFT warm start. "
+                  f"Run folders, checkpoints and curves.png are under {root}/")
+    return rows

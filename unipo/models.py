@@ -1,0 +1,211 @@
+"""Models and tokenizers: the embedded tiny Qwen2 + character tokenizer, and one loader for everything else.
+
+`load_model` is the single entry point the trainer uses: a local directory, a hub id, or the special names
+`"tiny"` / `"tiny:small"` (random-init Qwen2 models over a character vocabulary, built in memory, so tests
+and benchmarks never touch the network). Optional LoRA wrapping goes through peft.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
+
+# Printable ASCII (space .. tilde) plus newline: enough for arithmetic, code-like and chat-like toy tasks.
+DEFAULT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
+
+# Qwen2 shapes of the embedded models. With the 99-token default vocabulary and tied embeddings:
+# "tiny" ~ 1.0M parameters, "small" ~ 31.5M (the tests recompute both by hand).
+TINY_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512
+    ),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048
+    ),
+}
+
+_LORA_KEYS = {"r", "alpha", "target_modules", "dropout"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one id per character of `alphabet`, after `<pad>`=0, `<eos>`=1, `<unk>`=2.
+
+    Every character is its own pre-token (a regex split matching any single character, newlines included) and the
+    decoder fuses tokens without separators, so encode/decode round-trips any text over the alphabet.
+    Characters outside the alphabet map to `<unk>`. As with any HF tokenizer, the literal strings
+    `<pad>`/`<eos>`/`<unk>` in input text are read as the special tokens themselves.
+    """
+    chars = list(dict.fromkeys(alphabet))  # dedupe, keep order
+    clash = [c for c in chars if c in SPECIAL_TOKENS]
+    if clash or not chars:
+        raise ValueError(f"alphabet must be non-empty single characters, got {alphabet!r}")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,  # the default cleanup would eat the space in "a ."
+    )
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build_tiny_model(
+    size: str = "tiny", *, alphabet: str = DEFAULT_ALPHABET, seed: int = 0, max_positions: int = 512
+) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A randomly initialised (seeded) float32 Qwen2ForCausalLM of shape `TINY_SIZES[size]` + its char tokenizer."""
+    if size not in TINY_SIZES:
+        raise ValueError(f"unknown tiny model size {size!r}; valid: {sorted(TINY_SIZES)}")
+    tokenizer = build_char_tokenizer(alphabet)
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        use_cache=True,
+        **TINY_SIZES[size],
+        **special,
+    )
+    # Weight init draws from the global RNG: fork it so building a model never perturbs the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    for key, value in special.items():
+        setattr(model.generation_config, key, value)
+    model.eval()
+    return model, tokenizer
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` -> CUDA when available else CPU; anything else is passed to `torch.device`."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    # float32 by default: the maths (ratios, KL) is checked to 1e-5 and CPU bf16 matmuls are slow anyway.
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    """True when `name` must be a filesystem path (a hub id is `name` or `org/name`, never these forms)."""
+    return (
+        os.path.exists(name)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def _check_local_model_dir(path: str) -> None:
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist")
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model path {path!r} is not a model directory (no config.json)")
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    lora: dict[str, Any] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `(model, tokenizer)`: `"tiny"`/`"tiny:<size>"`, a local directory, or a hub id (same code path).
+
+    The tokenizer gets a pad token (eos) when it has none and pads on the left (for generation); the model
+    config's pad id follows it. `lora={"r", "alpha", "target_modules", "dropout"}` wraps the model with peft
+    (defaults r=8, alpha=16, all linear layers except the LM head, dropout 0), leaving only LoRA weights
+    trainable. `dtype=None` means float32.
+    """
+    name = os.fspath(name_or_path)
+    torch_dtype = _resolve_dtype(dtype)
+    if name == "tiny" or name.startswith("tiny:"):
+        model, tokenizer = build_tiny_model(name.partition(":")[2] or "tiny")
+        model = model.to(torch_dtype)
+    else:
+        if _looks_local(name):
+            name = os.path.expanduser(name)
+            _check_local_model_dir(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = model.to(pick_device(device))
+    if lora is not None:
+        model = _wrap_lora(model, lora)
+    return model, tokenizer
+
+
+def _wrap_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
+    unknown = set(lora) - _LORA_KEYS
+    if unknown:
+        raise ValueError(f"unknown LoRA option(s) {sorted(unknown)}; valid: {sorted(_LORA_KEYS)}")
+    from peft import LoraConfig, get_peft_model  # optional dependency: imported only when asked for
+
+    config = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=float(lora.get("alpha", 16)),
+        target_modules=lora.get("target_modules", "all-linear"),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike[str]) -> None:
+    """`save_pretrained` the model (safetensors; only the adapter for a peft model) and the tokenizer to `path`."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(os.fspath(path))
+    tokenizer.save_pretrained(os.fspath(path))
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` as one user turn through the tokenizer's chat template (generation prompt added), else raw."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text

@@ -1,0 +1,276 @@
+"""What a task is: prompts, a verifier, and an expert demonstration per prompt.
+
+A `Task` hands the trainer `Problem`s (prompt, gold answer, demonstration) and scores
+completions in [0, 1]. Hybrid-policy methods (LUFFY arXiv 2504.14945, CHORD, HPT, ...) need an
+off-policy expert trace for every prompt, so every built-in task produces one with its own
+solver.
+
+Splits: a problem belongs to "train" or "test" by a stable hash of its prompt (`split_of`),
+so the two splits never share a prompt, whatever the seed, the task parameters or the
+process (Python's `hash` is salted per process; sha256 is not).
+
+Model output is untrusted input: nothing here evaluates it as code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import random
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from unipo.core.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+TEST_FRACTION_PERCENT = 10  # ~10% of prompts are test prompts
+
+# A generator needs ~1/TEST_FRACTION draws per test problem; this many draws per requested
+# problem (plus a constant) before concluding the problem space is too small for the split.
+_DRAWS_PER_PROBLEM = 200
+_MIN_DRAWS = 2000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its gold answer and an expert demonstration (the completion text).
+
+    `meta` carries whatever the task's scorer needs besides the answer (countdown's numbers,
+    a reasoning-gym entry). It is left out of the hash so a Problem stays hashable.
+    """
+
+    prompt: str
+    answer: str
+    demonstration: str | None
+    meta: Mapping = field(default_factory=dict, hash=False)
+
+
+class Task(ABC):
+    """A source of problems and their verifier.
+
+    `sample(n, seed=s, split=...)` is deterministic for (task parameters, s, split);
+    `score(problem, completion)` returns a reward in [0, 1].
+    """
+
+    name: str
+    max_new_tokens: int  # a completion budget that fits a correct answer with room to spare
+
+    @abstractmethod
+    def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]: ...
+
+    @abstractmethod
+    def score(self, problem: Problem, completion: str) -> float: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, max_new_tokens={self.max_new_tokens})"
+
+
+class GeneratedTask(Task):
+    """A task with an unbounded procedural generator: rejection-samples problems into a split."""
+
+    @abstractmethod
+    def generate(self, rng: random.Random, split: str) -> Problem | None:
+        """One random problem drawn with `rng`, of either split.
+
+        May return None as soon as the drawn prompt turns out not to be in `split`, to skip
+        expensive work (countdown's solver); the caller checks the split either way.
+        """
+
+    def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
+        check_sample_args(n, split)
+        rng = random.Random(f"{self.name}|{seed}|{split}")  # str seeds are hashed with sha512: stable
+        problems: list[Problem] = []
+        max_draws = _DRAWS_PER_PROBLEM * n + _MIN_DRAWS
+        for _ in range(max_draws):
+            if len(problems) == n:
+                break
+            problem = self.generate(rng, split)
+            if problem is not None and split_of(problem.prompt) == split:
+                problems.append(problem)
+        if len(problems) < n:
+            raise ValueError(
+                f"task {self.name!r}: found only {len(problems)} of {n} {split!r} problems in "
+                f"{max_draws} draws; the problem space is too small for this split"
+            )
+        return problems
+
+
+def check_sample_args(n: int, split: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+def split_of(prompt: str) -> str:
+    """'test' for ~10% of prompts chosen by sha256 of the prompt, 'train' for the rest."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    return "test" if bucket < TEST_FRACTION_PERCENT else "train"
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any printable parts (for libraries that want an int seed)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading answers out of completions
+# ----------------------------------------------------------------------------------------
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BOXED = "\\boxed{"
+_MAX_INT_DIGITS = 64  # longer "integers" are garbage, and int() of huge strings is slow
+
+
+def extract_answer(text: str) -> str:
+    """The content of the last `<answer>...</answer>` or `\\boxed{...}` in `text`, else `text`.
+
+    Whichever of the two starts last wins, so `<answer>\\boxed{5}</answer>` gives `5`. The
+    result is stripped. Chat models that reason before answering and the tiny char-level
+    model that answers directly are then scored by the same tasks.
+    """
+    best_start, best = -1, None
+    for match in _ANSWER_TAG.finditer(text):
+        best_start, best = match.start(), match.group(1)
+    boxed_start, boxed = _last_boxed(text)
+    if boxed is not None and boxed_start > best_start:
+        best = boxed
+    return (text if best is None else best).strip()
+
+
+def _last_boxed(text: str) -> tuple[int, str | None]:
+    """Start index and content of the last `\\boxed{...}` with balanced braces."""
+    start = text.rfind(_BOXED)
+    while start != -1:
+        depth, i = 1, start + len(_BOXED)
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return start, text[start + len(_BOXED) : i - 1]
+        start = text.rfind(_BOXED, 0, start)  # unbalanced: try an earlier one
+    return -1, None
+
+
+def parse_integer(text: str) -> int | None:
+    """`text` (stripped) as an int if it is one (optional sign, digits only), else None."""
+    text = text.strip()
+    if len(text) > _MAX_INT_DIGITS or not re.fullmatch(r"[+-]?[0-9]+", text):
+        return None
+    return int(text)
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring a batch without letting one bad scorer call stop the run
+# ----------------------------------------------------------------------------------------
+
+
+def score_completions(
+    task: Task, problems: Sequence[Problem], completions: Sequence[str]
+) -> tuple[list[float], int]:
+    """Rewards `task.score(p, c)` for each pair, and how many scorer calls failed.
+
+    A call that raises, or returns something that is not a finite number in [0, 1], scores 0
+    and is counted: one malformed completion (or a scorer bug on a rare input) must not stop
+    a training run, but the count is logged so it is not silent either.
+    """
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    rewards: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    for problem, completion in zip(problems, completions):
+        try:
+            reward = float(task.score(problem, completion))
+            if not (math.isfinite(reward) and 0.0 <= reward <= 1.0):
+                raise ValueError(f"score {reward!r} is outside [0, 1]")
+        except Exception as error:  # noqa: BLE001 - any scorer failure becomes reward 0
+            errors += 1
+            first_error = first_error or f"{type(error).__name__}: {error}"
+            reward = 0.0
+        rewards.append(reward)
+    if errors:
+        logger.warning("task %s: %d scorer error(s) scored 0; first: %s", task.name, errors, first_error)
+    return rewards, errors
+
+
+# ----------------------------------------------------------------------------------------
+# Registry and spec parsing
+# ----------------------------------------------------------------------------------------
+
+TASKS: Registry[Callable[..., Task]] = Registry("task")
+
+# Tasks whose spec carries a free-form argument after the colon instead of key=value params.
+_ARGUMENT_KEY = {"rg": "dataset", "jsonl": "path"}
+
+
+def get_task(spec: str, **params: object) -> Task:
+    """Build a task from a spec string; keyword `params` add to those in the spec.
+
+    Forms: `"addition"`, `"addition:digits=3"` (comma-separated key=value; ints, floats and
+    true/false are parsed, anything else stays a string), `"rg:<dataset>"` or
+    `"rg:<dataset>:key=value,..."` (a reasoning-gym dataset and its config), `"jsonl:<path>"`,
+    and a bare path ending in `.jsonl`. Unknown names and parameters raise ValueError.
+    """
+    spec = spec.strip()
+    if spec.endswith(".jsonl") and not spec.startswith("jsonl:"):
+        spec = f"jsonl:{spec}"
+    name, _, rest = spec.partition(":")
+    try:
+        factory = TASKS.get(name)
+    except ValueError as error:
+        raise ValueError(f"{error} (also: rg:<dataset>, jsonl:<path>, or a path ending in .jsonl)") from None
+    if name == "jsonl":
+        spec_params: dict[str, object] = {"path": rest}  # a path may contain ':' or ','
+    elif name in _ARGUMENT_KEY:
+        argument, _, param_text = rest.partition(":")
+        spec_params = {_ARGUMENT_KEY[name]: argument, **parse_params(param_text)}
+    else:
+        spec_params = parse_params(rest)
+    both = sorted(set(spec_params) & set(params))
+    if both:
+        raise ValueError(f"task {name!r}: parameter(s) {both} given both in the spec and as keywords")
+    merged = {**spec_params, **params}
+    _check_params(name, factory, merged)
+    return factory(**merged)
+
+
+def parse_params(text: str) -> dict[str, object]:
+    """`"a=3,b=0.5,c=x"` -> {"a": 3, "b": 0.5, "c": "x"}; empty text -> {}."""
+    params: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"task parameter {item!r} is not of the form key=value")
+        params[key.strip()] = _parse_value(value.strip())
+    return params
+
+
+def _parse_value(value: str) -> object:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _check_params(name: str, factory: Callable[..., Task], params: Mapping[str, object]) -> None:
+    """ValueError naming the accepted parameters when `params` has one the factory lacks."""
+    signature = inspect.signature(factory)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return  # the factory validates its own free-form config
+    accepted = [p for p in signature.parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"task {name!r}: unknown parameter(s) {unknown}; accepted: {', '.join(accepted)}")
