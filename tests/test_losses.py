@@ -598,10 +598,10 @@ def test_value_loss_hand_computed_and_reference():
     per_token, _ = value_loss(values, old_values, returns, mask)
     for b in range(3):
         for t in range(4):
-            v, vo, r = float(values[b, t]), float(old_values[b, t]), float(returns[b, t])
+            v, vo, r = float(values[b, t].detach()), float(old_values[b, t]), float(returns[b, t])
             clipped = vo + min(max(v - vo, -0.2), 0.2)
             expected = 0.5 * max((v - r) ** 2, (clipped - r) ** 2) if mask[b, t] else 0.0
-            assert abs(float(per_token[b, t]) - expected) < 1e-12
+            assert abs(float(per_token[b, t].detach()) - expected) < 1e-12
     assert torch.autograd.gradcheck(lambda x: value_loss(x, old_values, returns, mask)[0], (values,))
     with pytest.raises(ValueError, match="returns"):
         value_loss(values, old_values, returns.clone().fill_(float("inf")), mask)

@@ -38,7 +38,8 @@ class RolloutBatch:
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     answer_ids: torch.Tensor  # (B,) cluster id of the extracted final answer
     hinted: torch.Tensor  # (B,) bool: rolled out with a GHPO hint in the prompt
-    texts: list[str]
+    texts: list[str]  # completion text as scored (hint included)
+    prompts: list[str]  # the task prompt of each row (the key of per-prompt state)
     reward_errors: int = 0
 
     def __len__(self) -> int:
@@ -198,7 +199,7 @@ class RolloutCollector:
             off_policy=torch.zeros(rows, dtype=torch.bool, device=self.device), truncated=gen.truncated,
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
             hinted=torch.full((rows,), bool(hints[0]), device=self.device), texts=full_texts,
-            reward_errors=errors)
+            prompts=[p.prompt for p in row_problem], reward_errors=errors)
 
     def _hint_failed_groups(self, problems, prompts, batch: RolloutBatch, n: int, first_index: int) -> RolloutBatch:
         """GHPO (arXiv 2507.10628): re-roll groups where every rollout failed, with a growing
@@ -237,13 +238,14 @@ class RolloutCollector:
             off_policy=torch.ones(rows, dtype=torch.bool, device=self.device),
             truncated=torch.zeros(rows, dtype=torch.bool, device=self.device),
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
-            hinted=torch.zeros(rows, dtype=torch.bool, device=self.device), texts=texts, reward_errors=errors)
+            hinted=torch.zeros(rows, dtype=torch.bool, device=self.device), texts=texts,
+            prompts=[p.prompt for p in problems for _ in range(n)], reward_errors=errors)
 
     def _empty(self) -> RolloutBatch:
         z = torch.zeros((0, 1), dtype=torch.long, device=self.device)
         e = torch.zeros(0, device=self.device)
         return RolloutBatch(z, z, z, z, z.float(), e, e.bool(), e.long(), e.long(), e.bool(), e.bool(),
-                            e.long(), e.bool(), [])
+                            e.long(), e.bool(), [], [])
 
 
 def _hint(demonstration: str, fraction: float) -> str:

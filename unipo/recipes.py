@@ -6,6 +6,8 @@ trainer knows no recipe by name: it only reads the slots.
 
 from __future__ import annotations
 
+import dataclasses
+
 from unipo.config import Recipe
 from unipo.core.registry import Registry
 
@@ -60,6 +62,223 @@ DAPO = _add(Recipe(
     overlong_buffer=4,
 ))
 
+GSPO = _add(Recipe(
+    name="gspo",
+    summary="sequence-level importance ratio (geometric mean of token ratios), clipped in a narrow band",
+    paper="arXiv 2507.18071 (GSPO, sec. 4.1)",
+    advantage="grpo",
+    loss="gspo",
+    loss_params={"eps_low": 3e-4, "eps_high": 4e-4},  # the paper's Qwen3 values
+    aggregation="seq_mean_token_mean",  # the loss is constant over a sequence: a mean over sequences
+))
+
+GSPO_TOKEN = _add(Recipe(
+    name="gspo_token",
+    summary="GSPO's sequence ratio value with per-token gradients (token-level advantages allowed)",
+    paper="arXiv 2507.18071 (GSPO-token, sec. 4.3)",
+    advantage="grpo",
+    loss="gspo_token",
+    loss_params={"eps_low": 3e-4, "eps_high": 4e-4},
+    aggregation="seq_mean_token_mean",
+))
+
+DHPO = _add(Recipe(
+    name="dhpo",
+    summary="token ratio and sequence ratio clipped in their own trust regions, averaged (w = 1/2)",
+    paper="DHPO (seed 000; see unipo.core.losses.dhpo for the exact form used)",
+    advantage="grpo",
+    loss="dhpo",
+    loss_params={"mixing": "average"},
+    aggregation="token_mean",
+))
+
+DHPO_ENTROPY = _add(Recipe(
+    name="dhpo_entropy",
+    summary="DHPO with entropy-guided per-token mixing of the token and sequence ratios",
+    paper="DHPO (seed 000; see unipo.core.losses.dhpo)",
+    advantage="grpo",
+    loss="dhpo",
+    loss_params={"mixing": "entropy"},  # the current policy's token entropy is handed in
+    aggregation="token_mean",
+))
+
+CPGD = _add(Recipe(
+    name="cpgd",
+    summary="clipped log-ratio policy gradient plus a policy-drift KL(pi_old || pi) penalty",
+    paper="arXiv 2505.12504 (CPGD)",
+    advantage="grpo",
+    loss="cpgd",
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "drift_coef": 0.1},
+    aggregation="token_mean",
+    epochs=2,  # the drift term is zero on the first epoch's ratio of 1; a second epoch lets it act
+))
+
+BNPO = _add(Recipe(
+    name="bnpo",
+    summary="advantage normalised by a Beta distribution fitted to the batch's success rates",
+    paper="arXiv 2506.02864 (BNPO)",
+    advantage="bnpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+))
+
+RLOO = _add(Recipe(
+    name="rloo",
+    summary="leave-one-out baseline: r_i - mean of the other rewards of the group",
+    paper="arXiv 2402.14740 (Back to Basics: RLOO)",
+    advantage="rloo",
+    loss="ppo_clip",
+    aggregation="seq_mean_token_mean",
+))
+
+REINFORCE_PP = _add(Recipe(
+    name="reinforce_pp",
+    summary="group-mean baseline, then advantages normalised over the whole batch",
+    paper="arXiv 2501.03262 (REINFORCE++-baseline)",
+    advantage="reinforce_pp",
+    loss="ppo_clip",
+    aggregation="token_mean",
+))
+
+SIMPLE_PO = _add(Recipe(
+    name="simple_po",
+    summary="quadratic penalty on (ratio - 1) instead of clipping",
+    paper="arXiv 2401.16025 (Simple Policy Optimization)",
+    advantage="grpo",
+    loss="simple_po",
+    loss_params={"eps": 0.2},
+    aggregation="token_mean",
+))
+
+CISPO = _add(Recipe(
+    name="cispo",
+    summary="clip the importance weight (stop-gradient), never the token's gradient",
+    paper="arXiv 2506.13585 (MiniMax-M1, CISPO)",
+    advantage="grpo",
+    loss="cispo",
+    loss_params={"eps_high": 0.28},  # open choice: no lower clip, as in the paper's experiments
+    aggregation="token_mean",
+))
+
+# --- token and sample selection ---------------------------------------------------------
+
+HIGH_ENTROPY = _add(Recipe(
+    name="high_entropy",
+    summary="gradient only on the top 20% highest-entropy tokens of the batch (forking tokens)",
+    paper="arXiv 2506.01939 (Beyond the 80/20 Rule)",
+    family="selection",
+    advantage="grpo",
+    loss="clip_higher",  # the paper builds on DAPO
+    aggregation="token_mean",
+    selection=("high_entropy_tokens",),
+    selection_params={"high_entropy_tokens": {"rho": 0.2}},
+))
+
+CPPO = _add(Recipe(
+    name="cppo",
+    summary="train only on the completions of each group with the largest |advantage|",
+    paper="arXiv 2503.22342 (CPPO)",
+    family="selection",
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="seq_mean_token_mean",
+    selection=("cppo",),
+    selection_params={"cppo": {"keep": 0.5}},  # open choice: keep half the group
+))
+
+D3S = _add(Recipe(
+    name="d3s",
+    summary="max-variance subset of each group, then top |A|*H tokens; aggressive at first, relaxing",
+    paper="arXiv 2509.22115 (D^3S)",
+    family="selection",
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    selection=("d3s",),
+    selection_params={"d3s": {"schedule": True}},  # ratios from d3s_schedule(step, total_steps)
+))
+
+GTPO = _add(Recipe(
+    name="gtpo",
+    summary="protect conflict tokens from negative updates; drop high-entropy completions",
+    paper="arXiv 2508.03772 (GTPO)",
+    family="selection",
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    selection=("gtpo",),
+))
+
+EGSW = _add(Recipe(
+    name="egsw",
+    summary="sequence weights softmax((A + alpha * mean entropy) / T) within each group",
+    paper="arXiv 2503.22456 (EGSW)",
+    family="selection",
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="seq_mean_token_mean",
+    selection=("egsw",),
+))
+
+# --- advantage variants ------------------------------------------------------------------
+
+SEED_GRPO = _add(Recipe(
+    name="seed_grpo",
+    summary="GRPO advantage shrunk by the semantic entropy of the group's final answers",
+    paper="arXiv 2505.12346 (SEED-GRPO)",
+    advantage="seed_grpo",
+    advantage_params={"alpha": 0.5},  # open choice: the paper's alpha is tuned per model
+    loss="ppo_clip",
+    aggregation="seq_mean_token_mean",
+))
+
+STRATIFIED = _add(Recipe(
+    name="stratified",
+    summary="normalise advantages within strata of like trajectories, blended with the global ones",
+    paper="arXiv 2510.06214 (Stratified GRPO)",
+    advantage="stratified",
+    # Strata are response-length buckets of 4 tokens (the paper stratifies by search calls).
+    advantage_params={"alpha": 0.5},
+    loss="ppo_clip",
+    aggregation="seq_mean_token_mean",
+))
+
+SINGLE_STREAM = _add(Recipe(
+    name="single_stream",
+    summary="one completion per prompt; baseline from a per-prompt Beta tracker, batch-normalised",
+    paper="arXiv 2509.13232 (Single-stream Policy Optimization)",
+    advantage="single_stream",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    # Run it with rollout.group_size=1 (the paper's single stream); the recipe does not force
+    # it so that runs at equal sample budgets stay comparable.
+))
+
+A_STAR_PO = _add(Recipe(
+    name="a_star_po",
+    summary="regress beta*log(pi/pi_ref) onto r - V*, V* = beta*log E_ref[exp(r/beta)]",
+    paper="arXiv 2505.20686 (A*-PO)",
+    advantage="a_star",
+    advantage_params={"beta": 1.0},
+    loss="a_star_po",
+    loss_params={"beta": 1.0},
+    # Open choice: V* is estimated from the group's own rollouts, not from a separate offline
+    # pass over the reference policy (the group is sampled from pi, which starts as pi_ref).
+    aggregation="seq_mean_token_mean",
+))
+
+PPO = _add(Recipe(
+    name="ppo",
+    summary="PPO with a value head on the policy trunk and GAE (token-level advantages)",
+    paper="arXiv 1707.06347 (PPO); arXiv 1506.02438 (GAE)",
+    advantage="gae",
+    advantage_params={"gamma": 1.0, "lam": 0.95},
+    loss="ppo_clip",
+    aggregation="token_mean",
+    value_coef=0.5,
+    epochs=2,
+))
+
 # --- hybrid policy: on-policy rollouts plus off-policy expert traces -----------------------
 
 LUFFY = _add(Recipe(
@@ -76,6 +295,93 @@ LUFFY = _add(Recipe(
     aggregation="token_mean",
 ))
 
+CHORD = _add(Recipe(
+    name="chord",
+    summary="(1 - mu) * RL + mu * SFT on expert traces, mu warmed up then decayed",
+    paper="arXiv 2508.11408 (CHORD)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    expert_in_group=False,  # expert rows are SFT rows, not members of the RL group
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    mixer="chord",
+    mixer_params={"mu_peak": 0.5, "mu_valley": 0.02, "warmup_steps": 0},  # decay over the run
+))
+
+CHORD_PHI = _add(dataclasses.replace(
+    CHORD, name="chord_phi",
+    summary="CHORD with SFT tokens weighted by p(1 - p) (learn what is uncertain, keep what is known)",
+    sft_weighting="phi",
+))
+
+HPT = _add(Recipe(
+    name="hpt",
+    summary="per prompt: SFT on the expert trace if the rollouts' success rate <= threshold, else RL",
+    paper="arXiv 2509.04419 (HPT, Towards a Unified View of LLM Post-Training)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    expert_in_group=False,
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    mixer="hpt",
+    mixer_params={"threshold": 0.0},  # the paper's Qwen gate: SFT only when every rollout failed
+))
+
+AHPO = _add(Recipe(
+    name="ahpo",
+    summary="RL always, plus the expert trace's NLL on prompts with fewer than R correct rollouts",
+    paper="arXiv 2510.08540 (MM-HELIX, AHPO)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    expert_in_group=False,
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    mixer="ahpo",
+    mixer_params={"r_hat": 1},
+))
+
+RL_PLUS = _add(Recipe(
+    name="rl_plus",
+    summary="expert traces in the group with multiple importance sampling, plus an exploration advantage",
+    paper="arXiv 2508.00222 (RL-PLUS)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    advantage="rl_plus_explore",
+    advantage_params={"gamma": 0.5},  # the authors' code
+    loss="rl_plus",
+    aggregation="token_mean",
+))
+
+CALIBRL = _add(Recipe(
+    name="calibrl",
+    summary="advantages calibrated against the expert trace with a LeakyReLU, weighted by rareness",
+    paper="arXiv 2602.20197 (CalibRL)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    advantage="calibrl",
+    loss="ppo_clip",
+    aggregation="token_mean",
+))
+
+GHPO = _add(Recipe(
+    name="ghpo",
+    summary="groups where every rollout failed are re-rolled with a growing prefix of the expert solution",
+    paper="arXiv 2507.10628 (GHPO)",
+    family="hybrid",
+    hint_fractions=(0.25, 0.5, 0.75),
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+))
+
 # --- supervised -------------------------------------------------------------------------
 
 SFT = _add(Recipe(
@@ -88,4 +394,19 @@ SFT = _add(Recipe(
     expert_in_group=False,
     mixer="sft",
     aggregation="token_mean",
+))
+
+SFT_THEN_RL = _add(Recipe(
+    name="sft_then_rl",
+    summary="SFT on expert traces for the first steps, then GRPO (the baseline hybrid papers beat)",
+    paper="(two-stage SFT -> RL; e.g. arXiv 2504.14945 sec. 4 baselines)",
+    family="hybrid",
+    data="mixed",
+    expert_per_group=1,
+    expert_in_group=False,
+    advantage="grpo",
+    loss="ppo_clip",
+    aggregation="token_mean",
+    mixer="sft_then_rl",
+    mixer_params={"sft_steps": 20},  # open choice: scale it with the run (an override)
 ))

@@ -25,9 +25,10 @@ import torch
 
 from unipo.collect import RolloutBatch, RolloutCollector
 from unipo.config import TrainConfig
-from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
+from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, gae_returns
 from unipo.core.kl import kl_estimate
-from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss
+from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss, value_loss
+from unipo.critics import PromptValueTracker, ValueHead
 from unipo.core.selection import SELECTIONS, compute_selection
 from unipo.mixing import MIXERS
 from unipo.models import load_model, pick_device
@@ -67,7 +68,10 @@ class Trainer:
         self.task = get_task(config.task)
         self.max_new_tokens = config.rollout.max_new_tokens or self.task.max_new_tokens
         self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.value_head = (ValueHead(model.config.hidden_size).to(self.device)
+                           if self.recipe.value_coef > 0 else None)
+        self.tracker = PromptValueTracker()
+        params = [p for p in self.trainable_modules_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -81,6 +85,11 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     # -- set-up ----------------------------------------------------------------------------
+    def trainable_modules_parameters(self):
+        yield from (p for p in self.model.parameters() if p.requires_grad)
+        if self.value_head is not None:
+            yield from self.value_head.parameters()
+
     def _validate_names(self) -> None:
         r = self.recipe
         ADVANTAGE_ESTIMATORS.get(r.advantage)
@@ -130,6 +139,10 @@ class Trainer:
         rl_weight, sft_weight, mix_metrics = self._mix(batch)
         selection = self._selection(batch, advantages, behaviour)
         update_metrics, finite = self._update(batch, advantages, selection, rl_weight, sft_weight, behaviour)
+        if "baseline" in _accepted(ADVANTAGE_ESTIMATORS.get(self.recipe.advantage)):
+            on = (~batch.off_policy).nonzero().squeeze(1).tolist()
+            self.tracker.update([batch.prompts[i] for i in on], batch.rewards[on],
+                                float(update_metrics.get("actor/approx_kl", 0.0)))
         done = time.perf_counter()
 
         self.step += 1
@@ -160,25 +173,36 @@ class Trainer:
     # -- slots -----------------------------------------------------------------------------
     def _available(self, batch: RolloutBatch, behaviour: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Batch tensors a slot function may ask for by parameter name."""
-        return {
+        lengths = batch.completion_mask.sum(1)
+        available = {
             "mask": batch.completion_mask.float(),
             "token_ids": batch.completion_ids,
             "off_policy": batch.off_policy,
             "truncated": batch.truncated,
             "answer_ids": batch.answer_ids,
-            "lengths": batch.completion_mask.sum(1),
+            "lengths": lengths,
+            # Stratified GRPO's strata: trajectories of like structure. Our analogue is the
+            # response length in buckets of 4 tokens (the paper: number of search calls).
+            "strata": torch.div(lengths, 4, rounding_mode="floor"),
+            "step": self.step,
+            "total_steps": self.config.steps,
+            "baseline": self.tracker.baseline(batch.prompts, self.device),
             **behaviour,
         }
+        if "logp" in behaviour:
+            available["expert_logp"] = _expert_row_values(behaviour["logp"], batch)
+        return available
 
     def _needs_behaviour(self) -> set[str]:
         """What the no-grad pass over the batch must produce (old log-probs, entropy)."""
         r, needs = self.recipe, set()
-        if r.epochs > 1:
-            needs.add("logp")  # the ratio's denominator must stay fixed across epochs
-        if "logp" in _accepted(ADVANTAGE_ESTIMATORS.get(r.advantage)):
-            needs.add("logp")
+        advantage_inputs = _accepted(ADVANTAGE_ESTIMATORS.get(r.advantage))
+        if r.epochs > 1 or advantage_inputs & {"logp", "expert_logp"}:
+            needs.add("logp")  # also: the ratio's denominator must stay fixed across epochs
         if r.selection:
             needs.add("entropy")
+        if self.value_head is not None:
+            needs.add("values")
         return needs
 
     @torch.no_grad()
@@ -186,10 +210,13 @@ class Trainer:
         needs = self._needs_behaviour()
         if not needs:
             return {}
-        out = self._forward(self.model, batch, slice(None), need_entropy="entropy" in needs)
+        out = self._forward(self.model, batch, slice(None), need_entropy="entropy" in needs,
+                            need_hidden="values" in needs)
         result = {"logp": out.logp}
         if "entropy" in needs:
             result["entropy"] = out.entropy
+        if "values" in needs:
+            result["values"] = self.value_head(out.hidden) * batch.completion_mask
         return result
 
     def _advantages(self, batch: RolloutBatch, behaviour) -> torch.Tensor:
@@ -216,10 +243,11 @@ class Trainer:
         return weights
 
     # -- the update ------------------------------------------------------------------------
-    def _forward(self, model, batch: RolloutBatch, rows, *, need_entropy: bool):
+    def _forward(self, model, batch: RolloutBatch, rows, *, need_entropy: bool, need_hidden: bool = False):
         return policy_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
                                batch.completion_ids[rows], batch.completion_mask[rows],
-                               temperature=self.config.rollout.temperature, need_entropy=need_entropy)
+                               temperature=self.config.rollout.temperature, need_entropy=need_entropy,
+                               return_hidden=need_hidden)
 
     def _update(self, batch, advantages, selection, rl_weight, sft_weight, behaviour):
         r, o = self.recipe, self.config.optim
@@ -230,7 +258,12 @@ class Trainer:
         max_len = self.max_new_tokens
         rl_den = aggregation_denominator(rl_mask, r.aggregation, max_len=max_len)
         sft_den = aggregation_denominator(sft_mask, "token_mean")
+        value_den = aggregation_denominator(mask, "token_mean")
         has_rl, has_sft = bool(rl_mask.any()), bool(sft_mask.any())
+        if not (has_rl or has_sft or self.value_head is not None):
+            # Selection or gating left no token to learn from: no update, and say so.
+            self.scheduler.step()
+            return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0}, True
         loss_fn = POLICY_LOSSES.get(r.loss)
         want = _accepted(loss_fn)
         need_entropy = True  # logged every step; cheap next to the forward pass
@@ -243,7 +276,8 @@ class Trainer:
             for start in range(0, len(batch), o.micro_batch_size):
                 rows = slice(start, start + o.micro_batch_size)
                 with self.autocast():
-                    out = self._forward(self.model, batch, rows, need_entropy=need_entropy)
+                    out = self._forward(self.model, batch, rows, need_entropy=need_entropy,
+                                        need_hidden=self.value_head is not None)
                 logp = out.logp.float()
                 old = behaviour["logp"][rows] if "logp" in behaviour else logp.detach()
                 loss = logp.new_zeros(())
@@ -273,6 +307,13 @@ class Trainer:
                 if r.entropy_coef and out.entropy is not None:
                     loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask[rows], r.aggregation,
                                                              denominator=rl_den, max_len=max_len)
+                if self.value_head is not None:
+                    old_values = behaviour["values"][rows]
+                    returns = gae_returns(advantages[rows], old_values)
+                    v_loss, v_metrics = value_loss(self.value_head(out.hidden), old_values, returns, mask[rows])
+                    v_loss = aggregate(v_loss, mask[rows], "token_mean", denominator=value_den)
+                    loss = loss + r.value_coef * v_loss
+                    metrics.update({"value_loss": v_loss.detach(), **v_metrics})
                 if out.entropy is not None:
                     ent_mask = mask[rows] * (~batch.off_policy[rows])[:, None]
                     metrics["entropy"] = (out.entropy.detach() * ent_mask).sum() / ent_mask.sum().clamp(min=1)
@@ -284,7 +325,7 @@ class Trainer:
                         totals[k] = totals.get(k, 0.0) + v.detach()
                     else:
                         totals[k] = totals.get(k, 0.0) + share * v.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable_modules_parameters()), o.grad_clip)
             if torch.isfinite(grad_norm) and torch.isfinite(totals["loss"]):
                 self.optimizer.step()
             else:
@@ -293,7 +334,7 @@ class Trainer:
             totals["grad_norm"] = grad_norm
         self.scheduler.step()
         renamed = {"clip_frac": "clip_frac", "approx_kl": "actor/approx_kl"}
-        out_metrics = {renamed.get(k, k if k in ("loss", "kl", "entropy", "sft_loss", "grad_norm")
+        out_metrics = {renamed.get(k, k if k in ("loss", "kl", "entropy", "sft_loss", "grad_norm", "value_loss")
                                    else f"actor/{k}"): v / (r.epochs if k != "grad_norm" else 1)
                        for k, v in totals.items()}
         out_metrics.setdefault("kl", 0.0)
@@ -371,6 +412,8 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
+            "value_head": None if self.value_head is None else self.value_head.state_dict(),
+            "tracker": dict(self.tracker.state),
         }
 
     def save(self) -> None:
@@ -387,6 +430,19 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.tracker.state = dict(state["tracker"])
+
+
+def _expert_row_values(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+    """(B, T): each row gets its prompt's expert row of `values` (zeros where it has none)."""
+    n_prompts = int(batch.prompt_index.max()) + 1
+    expert_of_prompt = torch.full((n_prompts,), -1, dtype=torch.long, device=values.device)
+    expert_rows = batch.off_policy.nonzero().squeeze(1)
+    expert_of_prompt[batch.prompt_index[expert_rows]] = expert_rows
+    source = expert_of_prompt[batch.prompt_index]
+    return torch.where((source >= 0)[:, None], values[source.clamp(min=0)], torch.zeros_like(values))
 
 
 class NonFiniteLossError(RuntimeError):

@@ -74,7 +74,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             chunk = _scaled_chunk(logits, t0, t0 + step, dtype, temperature)
             mx = chunk.amax(dim=2)
             row_max[:, t0:t0 + step] = mx
-            log_sum[:, t0:t0 + step] = (chunk - mx.unsqueeze(2)).exp().sum(dim=2).log()
+            log_sum[:, t0:t0 + step] = (chunk - mx.unsqueeze(2)).exp_().sum(dim=2).log_()
         ctx.save_for_backward(logits, ids, row_max + log_sum)
         ctx.temperature, ctx.step = temperature, step
         return (chosen - row_max) - log_sum
@@ -84,16 +84,20 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         logits, ids, lse = ctx.saved_tensors
         grad_out = grad_out.to(lse.dtype)
+        if ctx.temperature != 1.0:
+            grad_out = grad_out / ctx.temperature  # d(x/τ)/dx = 1/τ
         grad_logits = torch.empty_like(logits)
         for t0 in range(0, logits.shape[1], ctx.step):
             t1 = t0 + ctx.step
             chunk = _scaled_chunk(logits, t0, t1, lse.dtype, ctx.temperature)
             g = grad_out[:, t0:t1].unsqueeze(2)
-            grad = -(chunk - lse[:, t0:t1].unsqueeze(2)).exp() * g  # −softmax · g
+            # Same dtype: compute straight into the output slice; half precision: one float32
+            # temporary, rounded once at the end.
+            out = grad_logits[:, t0:t1] if logits.dtype == lse.dtype else None
+            grad = torch.sub(chunk, lse[:, t0:t1].unsqueeze(2), out=out).exp_().mul_(-g)  # −softmax · g
             grad.scatter_add_(2, ids[:, t0:t1].unsqueeze(2), g)  # + onehot(id) · g
-            if ctx.temperature != 1.0:
-                grad = grad / ctx.temperature
-            grad_logits[:, t0:t1] = grad
+            if out is None:
+                grad_logits[:, t0:t1] = grad
         return grad_logits, None, None, None
 
 
@@ -105,20 +109,21 @@ class _EntropyFromLogits(torch.autograd.Function):
         batch, length, vocab = logits.shape
         dtype = _compute_dtype(logits.dtype)
         step = _positions_per_chunk(batch, vocab, chunk_rows)
+        lowest = torch.finfo(dtype).min
         entropy = torch.empty(batch, length, dtype=dtype, device=logits.device)
         lse = torch.empty_like(entropy)
         for t0 in range(0, length, step):
             chunk = _scaled_chunk(logits, t0, t0 + step, dtype, temperature)
             mx = chunk.amax(dim=2, keepdim=True)
-            shifted = chunk - mx
+            # x − max, with −inf (a banned vocabulary entry) raised to the lowest finite number:
+            # exp() of it is still exactly 0, and 0·lowest = 0 where 0·(−inf) would be NaN.
+            shifted = (chunk - mx).clamp_(min=lowest)
             unnormalised = shifted.exp()
-            total = unnormalised.sum(dim=2, keepdim=True)
-            p = unnormalised / total
-            # H = logsumexp − Σ p·x = log Σ exp(x − max) − Σ p·(x − max); p = 0 where x = −inf
-            # (a masked vocabulary entry), and 0·(−inf) must count as 0, not NaN.
-            p_shifted = torch.where(p > 0, p * shifted, torch.zeros_like(p))
-            entropy[:, t0:t0 + step] = total.squeeze(2).log() - p_shifted.sum(dim=2)
-            lse[:, t0:t0 + step] = (mx + total.log()).squeeze(2)
+            total = unnormalised.sum(dim=2)
+            # H = logsumexp − Σ p·x = log Σ exp(x − max) − Σ exp(x − max)·(x − max) / Σ exp(x − max)
+            weighted = shifted.mul_(unnormalised).sum(dim=2)
+            entropy[:, t0:t0 + step] = total.log() - weighted / total
+            lse[:, t0:t0 + step] = mx.squeeze(2) + total.log()
         ctx.save_for_backward(logits, lse, entropy)
         ctx.temperature, ctx.step = temperature, step
         return entropy
@@ -128,16 +133,17 @@ class _EntropyFromLogits(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         logits, lse, entropy = ctx.saved_tensors
         grad_out = grad_out.to(lse.dtype)
-        mean_logit = lse - entropy  # E_p[x] = logsumexp − H
+        if ctx.temperature != 1.0:
+            grad_out = grad_out / ctx.temperature  # d(x/τ)/dx = 1/τ
+        lowest = torch.finfo(lse.dtype).min
         grad_logits = torch.empty_like(logits)
         for t0 in range(0, logits.shape[1], ctx.step):
             t1 = t0 + ctx.step
             chunk = _scaled_chunk(logits, t0, t1, lse.dtype, ctx.temperature)
-            p = (chunk - lse[:, t0:t1].unsqueeze(2)).exp()
-            centred = chunk - mean_logit[:, t0:t1].unsqueeze(2)
-            grad = torch.where(p > 0, -p * centred, torch.zeros_like(p)) * grad_out[:, t0:t1].unsqueeze(2)
-            if ctx.temperature != 1.0:
-                grad = grad / ctx.temperature
+            log_p = (chunk - lse[:, t0:t1].unsqueeze(2)).clamp_(min=lowest)  # finite, see forward
+            p = log_p.exp()
+            # x − E_p[x] = (x − logsumexp) + H, so −p·(x − E_p[x])·g = −p·(log p + H)·g
+            grad = log_p.add_(entropy[:, t0:t1].unsqueeze(2)).mul_(p).mul_(-grad_out[:, t0:t1].unsqueeze(2))
             grad_logits[:, t0:t1] = grad
         return grad_logits, None, None
 

@@ -47,8 +47,10 @@ def _require_number(name: str, value: object, *, low: float | None = None, high:
     """A finite plain number in the open interval (low, high), else ValueError."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite plain number, got {value!r}")
-    if (low is not None and value <= low) or (high is not None and value >= high):
-        raise ValueError(f"{name} must be in ({low}, {high}), got {value}")
+    if low is not None and value <= low:
+        raise ValueError(f"{name} must be > {low}, got {value}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value}")
     return float(value)
 
 
@@ -153,7 +155,7 @@ def ppo_clip(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 0.2, eps_high: float = 0.2,
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO clipped surrogate (arXiv 1707.06347; GRPO arXiv 2402.03300 Eq. 3), per token:
+    """PPO clipped surrogate (arXiv 1707.06347; as in GRPO, arXiv 2402.03300), per token:
 
         L = −min(ρ·A, clip(ρ, 1 − eps_low, 1 + eps_high)·A)
     """
@@ -166,7 +168,7 @@ def clip_higher(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 0.2, eps_high: float = 0.28,
 ) -> tuple[torch.Tensor, Metrics]:
-    """DAPO's Clip-Higher (arXiv 2503.14476, Eq. 10): `ppo_clip` with a wider upper range,
+    """DAPO's Clip-Higher (arXiv 2503.14476): `ppo_clip` with a wider upper range,
     eps_high = 0.28, so low-probability tokens can still grow (against entropy collapse)."""
     m, _, log_ratio, loss, clipped = _ppo_clip_loss(logp, old_logp, advantages, mask, eps_low, eps_high)
     return _masked(loss, m), _ratio_metrics(log_ratio, m, clipped)
@@ -177,7 +179,7 @@ def dual_clip(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 0.2, eps_high: float = 0.2, clip_ratio_c: float = 3.0,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Dual-clip PPO (Ye et al., arXiv 1912.09729, Eq. 5), per token:
+    """Dual-clip PPO (Ye et al., arXiv 1912.09729), per token:
 
         L = L_ppo_clip                      if A ≥ 0
         L = min(L_ppo_clip, −c·A)           if A < 0   (c = clip_ratio_c > 1)
@@ -205,7 +207,7 @@ def gspo(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 3e-4, eps_high: float = 4e-4,
 ) -> tuple[torch.Tensor, Metrics]:
-    """GSPO (Zheng et al., arXiv 2507.18071, Eq. 5-7): one length-normalised ratio per sequence,
+    """GSPO (Zheng et al., arXiv 2507.18071): one length-normalised ratio per sequence,
 
         s_i = (π(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp((1/|y_i|) Σ_t m·(logp − old_logp))
         L_i,t = −min(s_i·A_i,t, clip(s_i, 1 − eps_low, 1 + eps_high)·A_i,t)
@@ -217,7 +219,7 @@ def gspo(
     eps_low = _require_number("eps_low", eps_low, low=0.0, high=1.0)
     eps_high = _require_number("eps_high", eps_high, low=0.0)
     m, adv, log_ratio = _prepare(logp, old_logp, advantages, mask)
-    # s_i = exp(Σ_t m·log ρ_t / Σ_t m), broadcast to the sequence's tokens    # [B, T]
+    # s_i = exp(Σ_t m·log ρ_t / Σ_t m), then broadcast over the sequence's tokens: [B, T]
     seq_ratio = _sequence_log_ratio(log_ratio, m).exp().unsqueeze(1).expand_as(logp)
     loss, clipped = _clipped_surrogate(seq_ratio, seq_ratio.clamp(1.0 - eps_low, 1.0 + eps_high), adv)
     metrics = _ratio_metrics(log_ratio, m, clipped)
@@ -231,7 +233,7 @@ def gspo_token(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 3e-4, eps_high: float = 4e-4,
 ) -> tuple[torch.Tensor, Metrics]:
-    """GSPO-token (arXiv 2507.18071, Eq. 13-14): the value of s_i, a gradient per token,
+    """GSPO-token (arXiv 2507.18071): the value of s_i, a gradient per token,
 
         s_i,t = sg[s_i] · π(y_t) / sg[π(y_t)]
         L_i,t = −min(s_i,t·A_i,t, clip(s_i,t, 1 − eps_low, 1 + eps_high)·A_i,t)
@@ -243,7 +245,7 @@ def gspo_token(
     eps_high = _require_number("eps_high", eps_high, low=0.0)
     m, adv, log_ratio = _prepare(logp, old_logp, advantages, mask)
     seq_log_ratio = _sequence_log_ratio(log_ratio, m).detach().unsqueeze(1)
-    # s_i,t = exp(sg[log s_i] + logp − sg[logp]): value s_i, gradient s_i·∇logp_t    # [B, T]
+    # s_i,t = exp(sg[log s_i] + logp − sg[logp]): value s_i, gradient s_i·∇logp_t; [B, T]
     token_seq_ratio = torch.exp(seq_log_ratio + logp - logp.detach())
     clipped_ratio = token_seq_ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss, clipped = _clipped_surrogate(token_seq_ratio, clipped_ratio, adv)
@@ -354,9 +356,10 @@ def simple_po(
         L = −(ρ·A − |A| / (2ε) · (ρ − 1)²)
 
     A quadratic penalty instead of a clip: its optimum in ρ is exactly 1 + sign(A)·ε, the edge
-    of PPO's trust region, and the gradient never vanishes. Checked against the paper's
-    objective; ε = 0.2 as in its experiments. `clip_frac` here counts the tokens whose ratio
-    lies outside [1 − ε, 1 + ε] (nothing is clipped).
+    of PPO's trust region, and the gradient never vanishes. The form is the catalogue's (only
+    the paper's abstract could be retrieved to check it); ε = 0.2 (PPO's) is our default.
+    `clip_frac` here counts the tokens whose ratio lies outside [1 − ε, 1 + ε] (nothing is
+    clipped).
     """
     eps = _require_number("eps", eps, low=0.0)
     m, adv, log_ratio = _prepare(logp, old_logp, advantages, mask)
@@ -370,7 +373,7 @@ def cispo(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float | None = None, eps_high: float = 0.28,
 ) -> tuple[torch.Tensor, Metrics]:
-    """CISPO (MiniMax-M1, arXiv 2506.13585, Eq. 4-5): clip the importance weight, not the update,
+    """CISPO (MiniMax-M1, arXiv 2506.13585): clip the importance weight, not the update,
 
         L = −sg[clip(ρ, 1 − eps_low, 1 + eps_high)] · A · logp
 
@@ -423,7 +426,8 @@ def a_star_po(
     reference samples, not here). L_i is put on every token of sequence i, so
     `seq_mean_token_mean` gives the paper's mean over sequences. A `[B, T]` advantage is
     reduced to its masked token mean per sequence. `ref_logp` [B, T] (frozen, detached) is
-    required. Metric `residual_abs_mean`: mean |β·log-ratio − A| over non-empty sequences.
+    required; beta = 1e-3 is our default. Metric `residual_abs_mean`: mean |β·log-ratio − A|
+    over non-empty sequences.
     """
     if ref_logp is None:
         raise ValueError("a_star_po needs the param ref_logp [B, T] (log-probs under π_ref)")

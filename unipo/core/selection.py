@@ -267,7 +267,8 @@ def _max_variance_subset(
 
 @SELECTIONS.register("d3s")
 def _select_d3s(
-    mask, *, rewards, advantages, entropy, group_ids, sample_ratio=0.5, token_ratio=0.2, scope="group"
+    mask, *, rewards, advantages, entropy, group_ids, sample_ratio=0.5, token_ratio=0.2, scope="group",
+    schedule=False, step=None, total_steps=None,
 ) -> torch.Tensor:
     """D^3S (arXiv 2509.22115): sample-level then token-level down-sampling.
 
@@ -278,10 +279,16 @@ def _select_d3s(
        `_max_variance_subset`).
     2. Token level: among the valid tokens of the kept completions, keep the ceil(token_ratio · N)
        with the largest |A[i,t]| · H[i,t] (ties in row-major order).
-    `d3s_schedule` gives the two ratios for a training step. Only the abstract of the paper was
+    With `schedule=True` the two ratios come from `d3s_schedule(step, total_steps)` instead of
+    `sample_ratio`/`token_ratio` (the trainer hands every selection rule asking for `step` and
+    `total_steps` the current values). Only the abstract of the paper was
     available to us; the subset size rule (ceil of a ratio), the exact solver and the batch-level
     token quota are our documented choices.
     """
+    if schedule:
+        if step is None or not total_steps:
+            raise ValueError("d3s with schedule=True needs step and total_steps")
+        sample_ratio, token_ratio = d3s_schedule(step, total_steps)
     sample_ratio = _require_fraction("sample_ratio", sample_ratio, allow_zero=False)
     token_ratio = _require_fraction("token_ratio", token_ratio)
     if scope not in ("group", "batch"):

@@ -1,0 +1,60 @@
+"""Baselines that carry state across steps: PPO's value head and SPO's per-prompt tracker.
+
+The maths (GAE, the clipped value loss, the Beta tracker update) lives in `unipo.core`;
+these classes only hold the state and move it in and out of checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unipo.core.advantages import value_tracker_mean, value_tracker_update
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the policy's last hidden state at the position that predicts token t.
+
+    Zero-initialised, so PPO starts with V = 0 (GAE's advantages then equal the returns) and
+    the value loss rather than a random head decides what the critic learns first.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T)
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class PromptValueTracker:
+    """SPO (arXiv 2509.13232): a Beta(alpha, beta) posterior of each prompt's success rate.
+
+    Prompts never seen before start at the prior Beta(1, 1) (v = 0.5); the paper initialises
+    from offline pass rates, which a generated task does not have. Open choice: the forgetting
+    rate's divergence D is the step's approximate KL to the sampling policy (SPO measures it
+    per prompt on that prompt's last response); with one update epoch D = 0 and the forgetting
+    rate is the upper clip, rho_max.
+    """
+
+    def __init__(self, prior: float = 1.0) -> None:
+        self.prior = prior
+        self.state: dict[str, tuple[float, float]] = {}
+
+    def baseline(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        alpha, beta = self._lookup(prompts, device)
+        return value_tracker_mean(alpha, beta)
+
+    def update(self, prompts: list[str], rewards: torch.Tensor, kl: float) -> None:
+        alpha, beta = self._lookup(prompts, rewards.device)
+        alpha, beta = value_tracker_update(alpha, beta, rewards.clamp(0, 1).to(alpha.dtype),
+                                           torch.full_like(alpha, kl))
+        for prompt, a, b in zip(prompts, alpha.tolist(), beta.tolist()):
+            self.state[prompt] = (a, b)
+
+    def _lookup(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.state.get(p, (self.prior, self.prior)) for p in prompts]
+        return (torch.tensor([a for a, _ in pairs], device=device, dtype=torch.float32),
+                torch.tensor([b for _, b in pairs], device=device, dtype=torch.float32))
