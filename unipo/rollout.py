@@ -64,7 +64,7 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding: cumsum(mask) - 1, clamped at 0 for the left padding itself."""
-    return torch.arange(mask.shape[-1]).expand(mask.shape)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _model_device(model: nn.Module) -> torch.device:
