@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -27,7 +27,7 @@ TOKENIZER = build_char_tokenizer()
 @given(st.text(alphabet=DEFAULT_ALPHABET, max_size=80))
 def test_char_tokenizer_round_trips_any_text_in_the_alphabet(text: str) -> None:
     # The literal special-token strings are read as the special tokens (as in every HF tokenizer).
-    text = text.replace("<pad>", "<pa>").replace("<eos>", "<eo>").replace("<unk>", "<un>")
+    assume(not any(special in text for special in SPECIAL_TOKENS))
     ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text)  # one token per character, spaces and newlines included
     assert all(i >= len(SPECIAL_TOKENS) for i in ids)
@@ -131,7 +131,8 @@ def test_lora_leaves_only_lora_params_trainable() -> None:
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     # 4 layers x 2 modules x (A: r*in + B: out*r); q: 128 -> 128, v: 128 -> 64.
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 * ((4 * 128 + 128 * 4) + (4 * 128 + 64 * 4))
+    expected = 4 * ((4 * 128 + 128 * 4) + (4 * 128 + 64 * 4))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     with pytest.raises(ValueError, match="rank"):
         load_model("tiny", device="cpu", lora={"rank": 4})
 

@@ -12,11 +12,26 @@ import pytest
 import torch
 
 from unipo.models import build_tiny_model, load_model, save_model
-from unipo.rollout import Generation, generate, left_pad, policy_logprobs, top_p_filter
+from unipo.rollout import Generation, _plain_sdpa_model, generate, left_pad, policy_logprobs, top_p_filter
 
 PAD, EOS = 0, 1
+
+
+def _sharpened(model, scale: float = 3.0):
+    """Scale every weight matrix: at the default init (std 0.02) attention is nearly uniform, positions barely
+    matter and greedy decoding mostly repeats the last prompt character, which would let position or cache
+    bugs slip through. At 3x the logits stay moderate (fp32 cached-vs-full differences ~3e-6)."""
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(scale)
+    return model
+
+
 MODEL, TOKENIZER = build_tiny_model("tiny")
+_sharpened(MODEL)
 EOS_MODEL, EOS_TOKENIZER = build_tiny_model("tiny", alphabet="ab", seed=1)
+_sharpened(EOS_MODEL)
 PROMPT_TEXTS = ["1+1=", "hello world, a much longer prompt", "x", "The quick brown fox"]
 PROMPTS = [TOKENIZER(t, add_special_tokens=False)["input_ids"] for t in PROMPT_TEXTS]
 AB_PROMPTS = [EOS_TOKENIZER(t, add_special_tokens=False)["input_ids"] for t in ["ab", "abba", "b", "aaabbb"]]
@@ -71,6 +86,24 @@ def test_greedy_with_shared_cache_equals_each_completion_decoded_alone(model, pr
             assert torch.equal(shared.prompt_ids[row][shared.prompt_mask[row].bool()], torch.tensor(prompt))
         torch.testing.assert_close(shared.sampling_logp[i * group, :length], alone.sampling_logp[0],
                                    atol=1e-5, rtol=0)
+
+
+def test_fast_decode_path_matches_the_plain_hf_path() -> None:
+    # SDPA models decode with a preallocated KV cache and a ready 4D mask; others (here: eager attention)
+    # with HF's own DynamicCache and 2D mask. Both must give the same tokens and log-probs.
+    plain = copy.deepcopy(EOS_MODEL)
+    plain.set_attn_implementation("eager")
+    assert _plain_sdpa_model(EOS_MODEL) and not _plain_sdpa_model(plain)
+    for share in (True, False):
+        for kwargs in ({"greedy": True}, {"temperature": 0.9}):
+            fast_gen, plain_gen = (
+                _generate(model, AB_PROMPTS, group_size=4, max_new_tokens=24, share_prompt_cache=share,
+                          generator=torch.Generator().manual_seed(2), **kwargs)
+                for model in (EOS_MODEL, plain)
+            )
+            assert torch.equal(fast_gen.completion_ids, plain_gen.completion_ids)
+            assert torch.equal(fast_gen.truncated, plain_gen.truncated)
+            torch.testing.assert_close(fast_gen.sampling_logp, plain_gen.sampling_logp, atol=1e-5, rtol=0)
 
 
 def test_prompts_are_left_padded_and_repeated_per_group() -> None:
@@ -131,8 +164,8 @@ def test_padding_and_trimming_do_not_change_logprobs_and_match_float64_reference
         torch.testing.assert_close(batch.logp[b, :n], alone.logp[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(batch.entropy[b, :n], alone.entropy[0], atol=1e-5, rtol=0)
         ref_logp, ref_entropy = _reference_logprobs(MODEL, prompt, completion, temperature)
-        torch.testing.assert_close(batch.logp[b, :n].double(), torch.tensor(ref_logp, dtype=torch.float64), atol=1e-5, rtol=0)
-        torch.testing.assert_close(batch.entropy[b, :n].double(), torch.tensor(ref_entropy, dtype=torch.float64), atol=1e-5, rtol=0)
+        for got, want in ((batch.logp[b, :n], ref_logp), (batch.entropy[b, :n], ref_entropy)):
+            torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_policy_logprobs_all_masked_completions_give_zeros() -> None:
@@ -219,6 +252,10 @@ def test_top_p_filter_hand_computed() -> None:
     assert kept(0.76) == [False, True, True, True]
     assert kept(0.4) == [False, True, False, False]
     assert kept(1.0) == [True, True, True, True]
+    # Exact (dyadic) masses: descending 0.5, 0.25, 0.125 (id 0), 0.125 (id 2); mass before: 0, .5, .75, .875.
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
+    assert kept(0.75) == [False, True, False, True]  # {0.5, 0.25} already reaches 0.75: the smallest set
+    assert kept(0.8) == [True, True, False, True]  # the tie between ids 0 and 2 goes to the lower id
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -267,6 +304,13 @@ def test_generate_on_a_reloaded_model_and_a_lora_model(tmp_path) -> None:
     out.logp.sum().backward()
     trained = [name for name, p in lora_model.named_parameters() if p.grad is not None]
     assert trained and all("lora_" in name for name in trained)
+
+
+def test_greedy_accepts_temperature_zero() -> None:
+    at_one = _generate(MODEL, PROMPTS, greedy=True)
+    at_zero = _generate(MODEL, PROMPTS, greedy=True, temperature=0.0)
+    assert torch.equal(at_zero.completion_ids, at_one.completion_ids)
+    assert torch.equal(at_zero.sampling_logp, at_one.sampling_logp)
 
 
 def test_generate_rejects_bad_arguments() -> None:

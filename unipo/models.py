@@ -8,7 +8,6 @@ and benchmarks never touch the network). Optional LoRA wrapping goes through pef
 from __future__ import annotations
 
 import os
-import string
 from pathlib import Path
 from typing import Any
 

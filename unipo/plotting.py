@@ -24,7 +24,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 5
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
     steps = [m["step"] for m in metrics]
     for ax, (key, title) in zip(axes, CURVES):
-        values = [m.get(key, float("nan")) for m in metrics]
+        values = [float("nan") if m.get(key) is None else m[key] for m in metrics]
         ax.plot(steps, values, alpha=0.3, color="C0", label="per step")
         ax.plot(steps, moving_average(values, smooth), color="C0", label=f"mean of {smooth}")
         if key == "accuracy" and evals:
@@ -42,10 +42,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smooth: int = 5
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """Trailing mean over up to `window` values, skipping NaNs (steps without rollouts)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if v == v]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from unipo.core.logprobs import entropy_from_logits, selective_log_softmax
 
@@ -97,8 +98,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row from `logits` [B, V]; return it [B] and its log_softmax(logits / temperature)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    """Pick one token per row from `logits` [B, V]; return it [B] and its log_softmax(logits / temperature).
+    Greedy decoding accepts temperature 0 ("no sampling") and then records log-probs at temperature 1."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # [B, V]
     if greedy:
         token = logp.argmax(dim=-1)
     else:
@@ -109,10 +111,78 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
-                logits_to_keep=1)
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes each step's keys/values into spare capacity instead of `torch.cat`-ing the
+    whole cache (a full copy per layer per token, ~15% of a tiny model's decode time). `keys`/`values` stay
+    views of the filled part, so everything inherited (lengths, masks, repeat/select) keeps working; after a
+    repeat or select they are fresh tensors and the next update moves them into a new buffer."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if not self._keys_live_in_buffer(end):
+            self.key_buffer = self._new_buffer(key_states, start, end, self.keys)
+            self.value_buffer = self._new_buffer(value_states, start, end, self.values)
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _keys_live_in_buffer(self, end: int) -> bool:
+        buffer = self.key_buffer
+        return (buffer is not None and self.keys.data_ptr() == buffer.data_ptr()
+                and self.keys.shape[0] == buffer.shape[0] and end <= buffer.shape[2])
+
+    def _new_buffer(self, states: torch.Tensor, start: int, end: int, filled: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, dim = states.shape
+        buffer = states.new_empty((batch, heads, max(self.capacity, end), dim))
+        if start:
+            buffer[:, :, :start] = filled
+        return buffer
+
+
+class _PreallocatedCache(DynamicCache):
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        Cache.__init__(self, layers=[_PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+
+def _plain_sdpa_model(model: nn.Module) -> bool:
+    """Every layer full attention through torch SDPA: then a [B, 1, 1, L] bool mask is exactly the decode
+    mask HF would build (saving its mask construction per step) and the preallocated cache is safe."""
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (getattr(config, "_attn_implementation", None) == "sdpa" and layer_types == {"full_attention"}
+            and isinstance(getattr(config, "num_hidden_layers", None), int))
+
+
+def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, capacity: int | None):
+    """Run the prompts [B, P]; return the next-token logits [B, V] and the KV cache."""
+    cache = _PreallocatedCache(model.config.num_hidden_layers, capacity) if capacity else None
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], out.past_key_values
+
+
+def _prefill_groups(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                    share_prompt_cache: bool, capacity: int | None):
+    """Prefill N prompts for N*G rows: once each then repeat logits and cache (shared), or repeat first."""
+    if share_prompt_cache:
+        logits, cache = _prefill(model, prompt_ids, prompt_mask, capacity)  # [N, V]
+        logits = logits.repeat_interleave(group_size, dim=0)  # [B, V]
+        cache.batch_repeat_interleave(group_size)
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # [B, P]
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    if not share_prompt_cache:
+        logits, cache = _prefill(model, prompt_ids, prompt_mask, capacity)
+    return logits, cache, prompt_ids, prompt_mask
 
 
 def generate(
@@ -142,22 +212,18 @@ def generate(
     _check_generate_args(prompts, group_size, max_new_tokens, temperature, top_p, greedy)
     device = _model_device(model)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # [N, P]
+    fast = _plain_sdpa_model(model)
+    capacity = prompt_ids.shape[1] + max_new_tokens if fast else None
     with torch.inference_mode():
-        if share_prompt_cache:
-            logits, cache = _prefill(model, prompt_ids, prompt_mask)  # [N, V]
-            logits = logits.repeat_interleave(group_size, dim=0)  # [B, V]
-            cache.batch_repeat_interleave(group_size)
-            prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-        else:
-            prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-            logits, cache = _prefill(model, prompt_ids, prompt_mask)
+        logits, cache, prompt_ids, prompt_mask = _prefill_groups(
+            model, prompt_ids, prompt_mask, group_size, share_prompt_cache, capacity)
         batch, prompt_len = prompt_ids.shape
         # Attention over [prompt | completion so far]; finished rows keep attending to their own (pad) tokens,
         # which is harmless because their outputs are discarded.
         attention = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
         attention[:, :prompt_len] = prompt_mask
+        if fast:
+            attention = attention.bool()[:, None, None, :]  # [B, 1, 1, L]: HF uses a 4D mask as given
         first_position = prompt_mask.sum(dim=-1, keepdim=True)  # [B, 1] position of completion token 0
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         token_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
@@ -175,15 +241,9 @@ def generate(
             # which cost far more than reading one bool.
             if steps == max_new_tokens or bool(done.all()):
                 break
-            logits = model(
-                input_ids=tokens[:, steps - 1:steps],
-                attention_mask=attention[:, :prompt_len + steps],
-                position_ids=first_position + (steps - 1),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-        truncated = ~done
+            logits = model(input_ids=tokens[:, steps - 1:steps], attention_mask=attention[..., :prompt_len + steps],
+                           position_ids=first_position + (steps - 1), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
     # Clone out of inference mode: inference tensors cannot be saved for backward, and the trainer mixes
     # these (as constants) into differentiable expressions.
     return Generation(
@@ -192,7 +252,7 @@ def generate(
         completion_ids=tokens[:, :steps].clone(),
         completion_mask=live[:, :steps].long(),
         sampling_logp=token_logp[:, :steps].clone(),
-        truncated=truncated.clone(),
+        truncated=~done,
     )
 
 
@@ -230,13 +290,17 @@ def policy_logprobs(
     _check_policy_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     batch, width = completion_ids.shape
     completion_keep = completion_mask.bool()
-    # Two host syncs per call (not per token): they decide how many columns the forward has to pay for.
-    prompt_columns = prompt_mask.bool().any(dim=0)
-    if not bool(prompt_columns.any()):
+    if prompt_ids.shape[1] == 0:
+        raise ValueError("prompt_ids has no columns: every row needs at least one prompt token")
+    # One host sync per call (not per token): it decides how many columns the forward has to pay for.
+    prompt_columns = prompt_mask.bool().any(dim=0).long()  # [P]
+    completion_columns = completion_keep.any(dim=0).long()  # [T]
+    column_number = torch.arange(1, width + 1, device=completion_keep.device)
+    last_used = F.pad(completion_columns * column_number, (1, 0)).max()  # leading 0: T may be 0
+    has_prompt, first, kept = torch.stack([prompt_columns.max(), prompt_columns.argmax(), last_used]).tolist()
+    # first = first prompt column any row uses; kept = 1 + last completion column any row uses
+    if not has_prompt:
         raise ValueError("prompt_mask is all zero: every row needs at least one prompt token")
-    first = int(prompt_columns.long().argmax())
-    used = completion_keep.any(dim=0).nonzero()
-    kept = int(used.max()) + 1 if used.numel() else 0
     head = model.get_output_embeddings()
     if kept == 0:  # nothing to score: all zeros, no forward
         zeros = torch.zeros((batch, width), dtype=torch.float32, device=completion_ids.device)

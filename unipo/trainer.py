@@ -147,22 +147,26 @@ class Trainer:
 
         self.step += 1
         on = ~batch.off_policy
-        n_tokens = batch.completion_mask[on].sum()
+        has_rollouts = bool(on.any())  # an SFT step has none: its rollout statistics are null
+
+        def over_rollouts(values: torch.Tensor):
+            return values[on].float().mean() if has_rollouts else None
+
         metrics = {
             "step": self.step,
-            "reward_mean": batch.rewards[on].mean(),
-            "accuracy": batch.correct[on].float().mean(),
-            "response_len_mean": batch.completion_mask[on].sum(1).float().mean(),
-            "tokens_per_s": n_tokens / (done - started),
+            "reward_mean": over_rollouts(batch.rewards),
+            "accuracy": over_rollouts(batch.correct),
+            "response_len_mean": over_rollouts(batch.completion_mask.sum(1)),
+            "tokens_per_s": batch.completion_mask.sum() / (done - started),  # all completion tokens trained on
             "step_seconds": done - started,
             "generation_seconds": generated - started,
             "update_seconds": done - generated,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout/reward_errors": batch.reward_errors,
-            "rollout/truncated_frac": batch.truncated[on].float().mean(),
+            "rollout/truncated_frac": over_rollouts(batch.truncated),
             **rollout_stats, **mix_metrics, **update_metrics,
         }
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: None if v is None else float(v) for k, v in metrics.items()}
         if not finite:
             self.bad_steps += 1
             metrics["skipped"] = 1.0
@@ -373,8 +377,8 @@ class Trainer:
             if self.run:
                 self.run.append("metrics.jsonl", result.metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{result.metrics.get('reward_mean', 0):.3f}",
-                            acc=f"{result.metrics.get('accuracy', 0):.3f}")
+            bar.set_postfix({k: f"{result.metrics[k]:.3f}" for k in ("reward_mean", "accuracy", "loss")
+                             if result.metrics.get(k) is not None})
             if self.bad_steps >= cfg.max_bad_steps:
                 bar.close()
                 raise NonFiniteLossError(

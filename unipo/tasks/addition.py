@@ -30,19 +30,29 @@ class AdditionTask(GeneratedTask):
 
     "Exactly" rather than "up to" keeps every prompt of one length and difficulty; 1-digit
     operands include 0. The solver is Python's `+`.
+
+    `reverse=True` asks for the sum written least-significant digit first (`"47+38="` ->
+    `"58"`): the order in which carries are computed. Small transformers learn that format
+    from far fewer examples (Lee et al., "Teaching Arithmetic to Small Transformers",
+    arXiv 2307.03381), which is why the CPU demo uses it. The reversed answer is scored by
+    exact string match.
     """
 
     name = "addition"
 
-    def __init__(self, digits: int = 2) -> None:
+    def __init__(self, digits: int = 2, reverse: bool = False) -> None:
         check_digits("digits", digits)
-        self.digits = digits
+        if not isinstance(reverse, bool):
+            raise ValueError(f"reverse must be true or false, got {reverse!r}")
+        self.digits, self.reverse = digits, reverse
         self.max_new_tokens = digits + 4  # digits + carry, EOS, and slack
 
     def generate(self, rng: random.Random, split: str) -> Problem:
         a, b = random_operand(rng, self.digits), random_operand(rng, self.digits)
-        answer = str(a + b)
+        answer = str(a + b)[::-1] if self.reverse else str(a + b)
         return Problem(prompt=f"{a}+{b}=", answer=answer, demonstration=answer)
 
     def score(self, problem: Problem, completion: str) -> float:
+        if self.reverse:
+            return float(extract_answer(completion).strip() == problem.answer)
         return score_integer(problem, completion)
