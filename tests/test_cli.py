@@ -87,3 +87,11 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(commands) == 2, "the README must open with the demo and test commands"
     assert "unipo demo" in commands[0]
     assert commands[1] in (root / ".ci" / "run").read_text()
+
+
+def test_docs_recipes_md_is_generated_from_the_code():
+    root = Path(__file__).resolve().parents[1]
+    from unipo.recipes import catalogue_markdown
+
+    assert (root / "docs" / "recipes.md").read_text() == catalogue_markdown(), \
+        "docs/recipes.md is stale: regenerate it with `unipo recipes --markdown > docs/recipes.md`"

@@ -166,3 +166,22 @@ def test_format_prompt_uses_chat_template_when_present() -> None:
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     assert format_prompt(tok, "2+2?") == "<user>2+2?<assistant>"
+
+
+def test_a_lora_checkpoint_reloads_with_its_base_and_stays_trainable(tmp_path):
+    """save_pretrained of a LoRA model writes only the adapter; load_model finds the base again."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model, tokenizer = build_tiny_model("tiny", seed=0)
+    save_model(model, tokenizer, base_dir)
+    lora_model, tokenizer = load_model(str(base_dir), lora={"r": 4}, device="cpu")
+    with torch.no_grad():  # make the adapter non-trivial (LoRA's B starts at zero)
+        for name, param in lora_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    save_model(lora_model, tokenizer, adapter_dir)
+    assert (adapter_dir / "adapter_config.json").exists() and not (adapter_dir / "model.safetensors").exists()
+    again, _ = load_model(str(adapter_dir), device="cpu")
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    torch.testing.assert_close(again(ids).logits, lora_model(ids).logits)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == {
+        n for n, p in lora_model.named_parameters() if p.requires_grad}

@@ -180,9 +180,15 @@ def demo(
 
 
 @recipes_app.callback()
-def recipes_list(ctx: typer.Context) -> None:
+def recipes_list(ctx: typer.Context, markdown: bool = typer.Option(
+        False, "--markdown", help="Print the full catalogue as Markdown (docs/recipes.md).")) -> None:
     """The catalogue: name, family, mechanism, paper."""
     if ctx.invoked_subcommand is not None:
+        return
+    if markdown:
+        from unipo.recipes import catalogue_markdown
+
+        typer.echo(catalogue_markdown(), nl=False)
         return
     from rich.console import Console
     from rich.table import Table

@@ -39,6 +39,7 @@ class Recipe:
     summary: str = ""
     paper: str = ""
     family: str = "on-policy"
+    notes: str = ""  # choices the paper left open, and how this recipe made them
     # data source
     data: str = "on_policy"
     expert_per_group: int = 0  # rows of each group that are expert traces (data != on_policy)

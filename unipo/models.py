@@ -138,8 +138,27 @@ def _looks_local(name: str) -> bool:
 def _check_local_model_dir(path: str) -> None:
     if not os.path.exists(path):
         raise ValueError(f"model path {path!r} does not exist")
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isdir(path) or not any(
+            os.path.isfile(os.path.join(path, f)) for f in ("config.json", ADAPTER_CONFIG)):
         raise ValueError(f"model path {path!r} is not a model directory (no config.json)")
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _load_adapter(path: str, dtype: torch.dtype):
+    """A LoRA checkpoint (peft's save_pretrained): its base model plus the adapter, trainable."""
+    import json
+
+    from peft import PeftModel  # optional dependency: imported only when asked for
+
+    with open(os.path.join(path, ADAPTER_CONFIG)) as fh:
+        base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"LoRA checkpoint {path!r} does not name its base model (base_model_name_or_path)")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    tokenizer_source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
+    return PeftModel.from_pretrained(model, path, is_trainable=True), AutoTokenizer.from_pretrained(tokenizer_source)
 
 
 def load_model(
@@ -165,8 +184,13 @@ def load_model(
         if _looks_local(name):
             name = os.path.expanduser(name)
             _check_local_model_dir(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):
+            if lora is not None:
+                raise ValueError(f"{name!r} is already a LoRA checkpoint: drop the lora option to continue it")
+            model, tokenizer = _load_adapter(name, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
