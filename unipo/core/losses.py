@@ -21,7 +21,6 @@ losses then sum to the full-batch loss (and their gradients to its gradient).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from numbers import Real
@@ -545,13 +544,6 @@ def aggregate(
 # the entry point
 
 
-def _check_params(name: str, fn: PolicyLoss, params: dict[str, object]) -> None:
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"policy loss {name!r} has no param(s) {unknown}; valid: {valid}")
-
-
 def compute_policy_loss(
     name: str,
     logp: torch.Tensor,
@@ -579,7 +571,7 @@ def compute_policy_loss(
     """
     fn = POLICY_LOSSES.get(name)
     _check_mode(agg)
-    _check_params(name, fn, params)
+    POLICY_LOSSES.check_params(name, params)
     if weights is not None:
         check_same_shape(weights=weights, logp=logp)
     if check_finite:

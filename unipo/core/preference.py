@@ -22,7 +22,6 @@ they are given (TRL's IPO, for one, feeds per-token means; pass those to reprodu
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from numbers import Real
@@ -383,7 +382,7 @@ def compute_preference_loss(
     }
     _check_pair_inputs(pair)
     beta = _require_scalar("beta", beta, low=0.0, low_open=True)
-    _check_param_names(name, loss_fn, params)
+    PREFERENCE_LOSSES.check_params(name, params)
     if check_finite:
         for key, value in {**pair, **params}.items():
             if isinstance(value, torch.Tensor):
@@ -417,20 +416,6 @@ def _check_pair_inputs(pair: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"dtype mismatch: {', '.join(f'{k}:{v}' for k, v in dtypes.items())}")
     if pair["chosen_logp"].shape[0] == 0:
         raise ValueError("preference loss needs at least one pair, got B=0")
-
-
-def _check_param_names(name: str, loss_fn: PreferenceLossFn, params: dict[str, object]) -> None:
-    """Unknown or missing keyword params are ValueErrors naming the valid ones."""
-    keyword_only = [p for p in inspect.signature(loss_fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    accepted = {p.name for p in keyword_only}
-    required = {p.name for p in keyword_only if p.default is p.empty}
-    unknown = sorted(set(params) - accepted)
-    missing = sorted(required - set(params))
-    if unknown or missing:
-        raise ValueError(
-            f"preference loss {name!r}: unknown params {unknown}, missing params {missing}; "
-            f"it accepts {sorted(accepted) or 'no params'}"
-        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ kind of bug that makes two papers' numbers incomparable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -37,6 +38,18 @@ class Registry(Mapping[str, F], Generic[F]):
         except KeyError:
             valid = ", ".join(sorted(self._entries))
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+
+    def check_params(self, name: str, params: Mapping[str, object], shared: Collection[str] = ()) -> None:
+        """ValueError naming the accepted keyword params when `params` has an unknown one or
+        lacks a required one (`shared` names the inputs every entry takes, not params)."""
+        keyword_only = [p for p in inspect.signature(self.get(name)).parameters.values()
+                        if p.kind is p.KEYWORD_ONLY and p.name not in shared]
+        accepted = {p.name for p in keyword_only}
+        required = {p.name for p in keyword_only if p.default is p.empty}
+        unknown, missing = sorted(set(params) - accepted), sorted(required - set(params))
+        if unknown or missing:
+            raise ValueError(f"{self.kind} {name!r}: unknown params {unknown}, missing params {missing}; "
+                             f"it accepts {sorted(accepted) or 'no params'}")
 
     def __getitem__(self, name: str) -> F:
         return self.get(name)

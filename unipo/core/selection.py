@@ -19,7 +19,6 @@ loop over groups, sequences or tokens.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from numbers import Real
@@ -474,7 +473,7 @@ def compute_selection(
     """
     select = SELECTIONS.get(name)
     _check_inputs(mask, rewards, advantages, entropy, group_ids)
-    _check_param_names(name, select, params)
+    SELECTIONS.check_params(name, params, shared=("rewards", "advantages", "entropy", "group_ids"))
     if check_finite:
         for key, value in {"rewards": rewards, "advantages": advantages, "entropy": entropy, **params}.items():
             if isinstance(value, torch.Tensor):
@@ -512,18 +511,3 @@ def _check_inputs(
         validate.check_same_shape(mask=mask, entropy=entropy)
 
 
-def _check_param_names(name: str, select: SelectionFn, params: dict[str, object]) -> None:
-    """Unknown or missing keyword params are ValueErrors naming the valid ones."""
-    shared = {"rewards", "advantages", "entropy", "group_ids"}
-    keyword_only = [
-        p for p in inspect.signature(select).parameters.values() if p.kind is p.KEYWORD_ONLY and p.name not in shared
-    ]
-    accepted = {p.name for p in keyword_only}
-    required = {p.name for p in keyword_only if p.default is p.empty}
-    unknown = sorted(set(params) - accepted)
-    missing = sorted(required - set(params))
-    if unknown or missing:
-        raise ValueError(
-            f"selection {name!r}: unknown params {unknown}, missing params {missing}; "
-            f"it accepts {sorted(accepted) or 'no params'}"
-        )
