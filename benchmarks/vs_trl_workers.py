@@ -1,0 +1,164 @@
+"""The two sides of `vs_trl.py`: shared set-up, and one worker process per trainer that runs a step on command.
+
+A worker builds its model and trainer once, then answers each "step" message from the parent with the step's
+timings, and exits on "stop". Only one worker computes at a time (the parent waits for each reply), so the two
+never compete for the cores.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from multiprocessing.connection import Connection
+
+import torch
+from transformers import TrainerCallback
+
+from unipo.models import TINY_SIZES, build_char_tokenizer
+
+NUM_PROMPTS, GROUP_SIZE, NEW_TOKENS = 8, 8, 16
+LR, BETAS, GRAD_CLIP, SEED = 1e-4, (0.9, 0.99), 1.0, 0
+# 43 characters: digits, operators, space and lower-case letters (addition only uses 12 of them).
+ALPHABET = "0123456789+-*=() abcdefghijklmnopqrstuvwxyz"
+TASK = "addition"
+
+
+def build_model(size: str, seed: int = SEED):
+    """A random-init fp32 Qwen2 of shape `TINY_SIZES[size]` over the 43-char vocabulary (+3 specials)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+                         use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, **TINY_SIZES[size])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).float()
+    return model, tokenizer
+
+
+def training_problems(n: int, seed: int = SEED):
+    from unipo.tasks.base import get_task
+
+    return get_task(TASK).sample(n, seed=seed, split="train")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _reply(step: float, generation: float, tokens: float, reward: float) -> dict[str, float]:
+    return {"step": step, "generation": generation, "update": step - generation, "tokens": tokens,
+            "reward": reward, "rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------ unipo
+def unipo_trainer(size: str, *, bf16: bool = False, steps: int = 1000, recipe: str = "grpo"):
+    from unipo.config import OptimConfig, RolloutConfig, TrainConfig
+    from unipo.recipes import get_recipe
+    from unipo.trainer import Trainer
+
+    model, tokenizer = build_model(size)
+    config = TrainConfig(
+        recipe=get_recipe(recipe), task=TASK, model="tiny", steps=steps, seed=SEED, device="cpu", bf16=bf16,
+        rollout=RolloutConfig(prompts_per_step=NUM_PROMPTS, group_size=GROUP_SIZE, max_new_tokens=NEW_TOKENS),
+        optim=OptimConfig(lr=LR, betas=BETAS, grad_clip=GRAD_CLIP, micro_batch_size=NUM_PROMPTS * GROUP_SIZE))
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, progress=False)
+    trainer.collector.eos_id = -1  # never stop early: every row generates NEW_TOKENS tokens, as TRL's do
+    return trainer
+
+
+def serve_unipo(conn: Connection, size: str, threads: int, bf16: bool) -> None:
+    torch.set_num_threads(threads)
+    trainer = unipo_trainer(size, bf16=bf16)
+    while conn.recv() == "step":
+        started = time.perf_counter()
+        metrics = trainer.train_step().metrics
+        step = time.perf_counter() - started
+        tokens = metrics["tokens_per_s"] * metrics["step_seconds"]
+        conn.send(_reply(step, metrics["generation_seconds"], tokens, metrics["reward_mean"]))
+
+
+# -------------------------------------------------------------------------------------------------- TRL
+def _trl_reward(task):
+    from unipo.tasks.base import Problem
+
+    def addition_reward(prompts, completions, answer, **_):
+        return [task.score(Problem(prompt=p, answer=a, demonstration=a), c)
+                for p, c, a in zip(prompts, completions, answer)]
+    return addition_reward
+
+
+def trl_config(output_dir: str, max_steps: int, **overrides):
+    from trl import GRPOConfig
+
+    settings = dict(
+        output_dir=output_dir, per_device_train_batch_size=NUM_PROMPTS * GROUP_SIZE, num_generations=GROUP_SIZE,
+        max_completion_length=NEW_TOKENS, beta=0.0, num_iterations=1, loss_type="grpo", epsilon=0.2,
+        learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0, max_grad_norm=GRAD_CLIP,
+        lr_scheduler_type="constant", warmup_steps=0, max_steps=max_steps, temperature=1.0, top_p=1.0, top_k=0,
+        gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
+        save_strategy="no", seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
+        # No EOS id for sampling: every row generates max_completion_length tokens (see serve_trl for the mask).
+        generation_kwargs={"eos_token_id": None},
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def trl_trainer(size: str, output_dir: str, max_steps: int, callbacks=(), **overrides):
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import GRPOTrainer
+    from unipo.tasks.base import get_task
+
+    model, tokenizer = build_model(size)
+    problems = training_problems(NUM_PROMPTS * max(max_steps, 1))
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
+    trainer = GRPOTrainer(model=model, reward_funcs=_trl_reward(get_task(TASK)),
+                          args=trl_config(output_dir, max_steps, **overrides), train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the log line per step would only add noise to the output
+    trainer.eos_token_ids = []  # the completion mask then keeps every generated token, as unipo's does
+    return trainer
+
+
+class StepOnCommand(TrainerCallback):
+    """Reports each finished TRL step to the parent and blocks until told to go on.
+
+    A step's time runs from the moment the worker resumes (so TRL's own logging and data loading between steps
+    count) to `on_step_end`; generation is timed by wrapping `_generate_and_score_completions`."""
+
+    def __init__(self, conn: Connection, trainer) -> None:
+        self.conn, self.generation, self.tokens = conn, 0.0, 0.0
+        self.resumed = time.perf_counter()
+        generate = trainer._generate_and_score_completions
+
+        def timed(inputs):
+            started = time.perf_counter()
+            out = generate(inputs)
+            self.generation = time.perf_counter() - started
+            self.tokens = float(out["completion_mask"].sum())
+            return out
+        trainer._generate_and_score_completions = timed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = time.perf_counter() - self.resumed
+        self.conn.send(_reply(step, self.generation, self.tokens, float("nan")))
+        if self.conn.recv() != "step":
+            control.should_training_stop = True
+        self.resumed = time.perf_counter()
+        return control
+
+
+def serve_trl(conn: Connection, size: str, threads: int, max_steps: int = 10_000) -> None:
+    import tempfile
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = trl_trainer(size, output_dir, max_steps)
+        hook = StepOnCommand(conn, trainer)
+        trainer.add_callback(hook)
+        if conn.recv() == "step":
+            hook.resumed = time.perf_counter()
+            trainer.train()

@@ -1,0 +1,195 @@
+"""A lean forward pass for Llama/Qwen2-style decoders, run on the Hugging Face module's own weights.
+
+Same maths as the HF forward (RMSNorm in float32, rotary embedding, grouped-query attention through torch SDPA,
+SwiGLU MLP, LM head), minus the per-call machinery (mask builders, cache objects, output capture, keyword
+plumbing) that costs more than the matmuls on a small model on a CPU. It reads the HF parameters themselves, so
+gradients land in them and the optimizer, checkpoints and `state_dict` are untouched.
+
+Two things the HF forward cannot do cheaply are built in:
+- a KV cache written into preallocated buffers (`BufferCache`), for the decode loop;
+- a prompt prefix shared by the G completions of a group (`PrefixCache`): the prompt runs once per distinct
+  prompt and its keys/values are indexed out to the rows, with gradients flowing back through that index. The
+  maths is that of running each row separately (the prompt rows are identical), at 1/G of the prompt's cost.
+
+`lean_decoder(model)` returns None for anything it does not reproduce exactly (other architectures, LoRA or
+quantised layers, scaled RoPE, sliding windows, attention dropout, non-SiLU MLPs); callers then use the HF path.
+Tests pin logits, log-probs and gradients to the HF forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    norm1: torch.Tensor
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    norm2: torch.Tensor
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+class NoCache:
+    """Keys/values of this call only (a prefill or a full forward); keeps them when `keep` is set."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.keep, self.layers = keep, []
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keep:
+            self.layers.append((k, v))
+        return k, v
+
+
+class PrefixCache:
+    """Per-layer prefix keys/values [B, kv_heads, P, d] (differentiable) put before this call's own."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.layers[index]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+
+class BufferCache:
+    """Preallocated per-layer buffers [B, kv_heads, capacity, d] (inference only): each call writes its keys and
+    values at `length` and attends over everything written so far; `advance` moves past them."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[index][:, :, self.length:end] = k
+        self.values[index][:, :, self.length:end] = v
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+
+class LeanDecoder:
+    """The forward of a supported HF causal LM (see `lean_decoder`), as plain tensor operations."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config, body = model.config, model.model
+        first = body.layers[0].self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scaling = first.head_dim, first.scaling
+        self.eps = body.norm.variance_epsilon
+        self.embedding, self.final_norm = body.embed_tokens.weight, body.norm.weight
+        self.head = model.lm_head
+        self.inv_freq = body.rotary_emb.inv_freq
+        self.rope_scale = float(body.rotary_emb.attention_scaling)
+        self.layers = [_Layer(layer.input_layernorm.weight, layer.self_attn.q_proj, layer.self_attn.k_proj,
+                              layer.self_attn.v_proj, layer.self_attn.o_proj, layer.post_attention_layernorm.weight,
+                              layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+                       for layer in body.layers[:config.num_hidden_layers]]
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """HF's RMSNorm: normalise in float32, back to the input dtype, then scale (same rounding steps)."""
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return weight * normed
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, L, d/2] of each position (HF builds [B, L, d] = the same half, twice)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, L, d/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x*cos + rotate_half(x)*sin, written on the two halves: the same products and sums as HF's."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def attention(self, index: int, x: torch.Tensor, rope, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        layer, (batch, length, _) = self.layers[index], x.shape
+        q = layer.q(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = layer.k(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = layer.v(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotate(q, *rope), self.rotate(k, *rope)
+        k, v = cache.extend(index, k, v)
+        # No mask: plain causal attention over this call's own tokens (or one query attending to everything).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                             is_causal=mask is None and length > 1,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return layer.o(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+
+    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        return layer.down(F.silu(layer.gate(x)) * layer.up(x))
+
+    # -- the forward --------------------------------------------------------------------------------
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """Final-norm hidden states [B, L, H] of `ids` [B, L] at `positions` [B, L].
+
+        `mask` is a bool [B or 1, 1, L, L_past + L] (True = attend) or None for plain causal attention with no
+        past; `cache` supplies the keys/values before this call's own (NoCache, PrefixCache or BufferCache)."""
+        h = F.embedding(ids, self.embedding)
+        rope = self.rotary(positions, h.dtype)
+        for index in range(len(self.layers)):
+            h = h + self.attention(index, self.norm(h, self.layers[index].norm1), rope, mask, cache)
+            h = h + self.mlp(index, self.norm(h, self.layers[index].norm2))
+        return self.norm(h, self.final_norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+
+def lean_decoder(model: nn.Module) -> LeanDecoder | None:
+    """A LeanDecoder for `model` when it reproduces the HF forward exactly, else None."""
+    if type(model).__name__ not in _ARCHITECTURES or not _plain_config(model.config):
+        return None
+    body = getattr(model, "model", None)
+    if body is None or not _plain_modules(model, body):
+        return None
+    return LeanDecoder(model)
+
+
+def _plain_config(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or {}
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (getattr(config, "hidden_act", None) == "silu" and rope.get("rope_type", "default") == "default"
+            and layer_types == {"full_attention"} and not getattr(config, "attention_dropout", 0.0)
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and getattr(config, "pretraining_tp", 1) == 1)
+
+
+def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
+    """Exactly nn.Linear / nn.Embedding / RMSNorm modules: no LoRA, quantised or patched layers, no hooks."""
+    linears = [model.lm_head]
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(type(n).__name__.endswith("RMSNorm") for n in (layer.input_layernorm,
+                                                                   layer.post_attention_layernorm)):
+            return False
+    modules = [model, body, body.embed_tokens, body.norm, *linears]
+    return (all(type(m) is nn.Linear for m in linears) and type(body.embed_tokens) is nn.Embedding
+            and type(body.norm).__name__.endswith("RMSNorm") and not any(_hooked(m) for m in modules)
+            and type(model.forward) is type(nn.Module.forward.__get__(model)) and _unpatched_forward(model))
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _unpatched_forward(model: nn.Module) -> bool:
+    """The class's own forward: a patched instance forward (e.g. a fused LM head) means other maths."""
+    return "forward" not in vars(model) and "forward" not in vars(model.lm_head)
