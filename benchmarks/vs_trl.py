@@ -1,20 +1,21 @@
-"""unipo's `grpo` recipe against TRL's `GRPOTrainer`, side by side, on the same work.
+"""unipo's `grpo` recipe against TRL's `GRPOTrainer`, side by side, on the same work; plus loss parity.
 
-One GRPO step = 8 addition prompts x 8 completions x 16 new tokens, then one forward/backward over the 64 rows and
-one AdamW step (beta 0, one update per generation batch, no gradient checkpointing, fp32 unless marked bf16).
-Both trainers get the same random-init Qwen2 model (same seed), the same 43-character tokenizer, the same prompts
-distribution, learning rate, AdamW betas, weight decay, gradient clipping and constant schedule. Every row
-generates exactly 16 tokens on both sides: neither stops on EOS (TRL: generation without an EOS id and an
-empty EOS list for its completion mask; unipo: the collector's EOS id set to -1, an id never sampled), and EOS
-stays an ordinary token of the sampled distribution on both.
+One GRPO step = 8 addition prompts x 8 completions x 16 new tokens, one forward/backward over the 64 rows and one
+AdamW step (beta 0, one update per generation batch, no gradient checkpointing). Both trainers get the same
+random-init Qwen2 model (same seed), the same 43-character tokenizer, the same prompt distribution, learning
+rate, AdamW (fused, betas 0.9/0.99), no weight decay, clipping at 1.0 and a constant schedule. TRL runs in fp32
+(`bf16=False`: its config otherwise turns on bf16 autocast, on a CPU too). Every row generates exactly 16 tokens
+on both sides and EOS stays an ordinary token of the sampled distribution: TRL generates with no EOS id and its
+completion mask gets an empty EOS list; unipo's collector gets EOS id -1, which is never sampled.
 
-Each trainer lives in its own worker process (so each has its own peak RSS and neither's global patches touch
-the other); the parent alternates single steps between them (ABAB..., order flipped every round) so machine
-drift hits both alike, and reports medians. FLOP/s use nominal counts, the same for both: 2*N*(B*T) for
-generation and 6*N*(B*(P+T)) for the update (N parameters, B rows, P prompt and T completion tokens), against
-this machine's fp32 GEMM rate measured at the same thread count.
+Each trainer lives in its own worker process (its own peak RSS; neither's global patches touch the other). The
+parent alternates single steps between them (order flipped every round) so machine drift hits both alike, and
+reports medians. FLOP/s are nominal and the same for both: 2*N*(B*T) for generation and 6*N*(B*(P+T)) for the
+update (N parameters, B rows, P prompt and T completion tokens), against this machine's fp32 GEMM rate measured
+here at the same thread count. (unipo runs each group's prompt once in the update, so it does fewer FLOPs than
+the nominal count; TRL does more in generation, where it prefills all 64 rows.)
 
-    .venv/bin/python benchmarks/vs_trl.py                 # full comparison + loss parity, writes RESULTS.md
+    .venv/bin/python benchmarks/vs_trl.py                 # everything; writes benchmarks/RESULTS.md
     .venv/bin/python benchmarks/vs_trl.py --parity-only   # just the loss/gradient parity check
 """
 
@@ -25,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -33,13 +33,216 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ helpers, also when run from elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script
 
 from trl_parity import parity_table, run_parity  # noqa: E402
-from vs_trl_setup import (  # noqa: E402
-    GROUP_SIZE, NEW_TOKENS, NUM_PROMPTS, build_model, matmul_rate, nominal_flops, training_problems,
+from vs_trl_workers import (  # noqa: E402
+    GROUP_SIZE, NEW_TOKENS, NUM_PROMPTS, build_model, bf16_effect, serve_trl, serve_unipo, training_problems,
 )
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 OUT = Path(__file__).parent / "out" / "vs_trl.json"
 SECTION = "## unipo vs TRL"
+COMMAND = ".venv/bin/python benchmarks/vs_trl.py"
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def matmul_rate(threads: int, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of one [size, size] @ [size, size] matmul at `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
+
+
+class Worker:
+    """A trainer in its own process, stepping on command."""
+
+    def __init__(self, target, *args) -> None:
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=target, args=(child, *args), daemon=True)
+        self.process.start()
+
+    def step(self) -> dict[str, float]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.process.join(timeout=120)
+
+
+def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int) -> dict[str, list[dict]]:
+    """Per-step records of unipo (bf16 autocast if asked) and TRL (fp32), alternating single steps."""
+    workers = {"unipo": Worker(serve_unipo, size, threads, bf16), "trl": Worker(serve_trl, size, threads)}
+    try:
+        for _ in range(warmup):  # first steps: allocations, kernel selection, lazy imports
+            for worker in workers.values():
+                worker.step()
+        records: dict[str, list[dict]] = {name: [] for name in workers}
+        for round_ in range(steps):
+            order = list(workers) if round_ % 2 == 0 else list(workers)[::-1]
+            for name in order:
+                records[name].append(workers[name].step())
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return records
+
+
+def summarise(records: list[dict], params: int, prompt_len: float) -> dict[str, float]:
+    """Medians of the step records, with nominal FLOP/s (see the module docstring)."""
+    median = {key: statistics.median(r[key] for r in records) for key in ("step", "generation", "update")}
+    rows = NUM_PROMPTS * GROUP_SIZE
+    gen_flops = 2 * params * rows * NEW_TOKENS
+    update_flops = 6 * params * rows * (prompt_len + NEW_TOKENS)
+    tokens = statistics.median(r["tokens"] for r in records)
+    return {**median, "tokens_per_s": tokens / median["step"], "rss_mb": max(r["rss_mb"] for r in records),
+            "threads": records[0]["threads"], "gflops": (gen_flops + update_flops) / median["step"] / 1e9,
+            "gen_gflops": gen_flops / median["generation"] / 1e9,
+            "update_gflops": update_flops / median["update"] / 1e9, "steps": len(records)}
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def comparison_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | threads | trainer | step s | generation s | update s | completion tok/s | peak RSS MB | "
+             "step GFLOP/s (% of GEMM) | gen GFLOP/s | update GFLOP/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        for name in ("trl", "unipo"):
+            s = row[name]
+            label = "TRL fp32" if name == "trl" else f"unipo {'bf16' if row['bf16'] else 'fp32'}"
+            share = 100 * s["gflops"] / row["gemm_gflops"]
+            lines.append(f"| {row['size']} | {row['threads']} | {label} | {s['step']:.3f} | {s['generation']:.3f} | "
+                         f"{s['update']:.3f} | {s['tokens_per_s']:.0f} | {s['rss_mb']:.0f} | "
+                         f"{s['gflops']:.1f} ({share:.0f}%) | {s['gen_gflops']:.1f} | {s['update_gflops']:.1f} |")
+        ratio = {k: row["trl"][k] / row["unipo"][k] for k in ("step", "generation", "update")}
+        lines.append(f"| {row['size']} | {row['threads']} | **TRL / unipo** | **{ratio['step']:.2f}x** | "
+                     f"{ratio['generation']:.2f}x | {ratio['update']:.2f}x | | "
+                     f"{row['trl']['rss_mb'] / row['unipo']['rss_mb']:.2f}x | | | |")
+    return lines
+
+
+def bf16_table(effect: dict) -> list[str]:
+    lines = [f"One shared batch, tiny model: the bf16-autocast loss differs from fp32 by "
+             f"{effect['loss_rel']:.1e} (relative) and its gradient by {effect['grad_rel']:.1e}.", "",
+             f"Learning ({effect['task']}, {effect['sft_steps']} fp32 SFT warm-start steps, then grpo with "
+             f"{effect['prompts']}x{effect['group']} rollouts per step; mean reward over blocks of "
+             f"{effect['block']} steps):", "",
+             "| steps | " + " | ".join(effect["blocks"]) + " |",
+             "|---|" + "---:|" * len(effect["blocks"])]
+    for name in ("fp32", "bf16"):
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in effect["curves"][name]) + " |")
+    lines.append(f"\nbf16 step: {effect['seconds']['bf16']:.2f} s vs fp32 {effect['seconds']['fp32']:.2f} s "
+                 f"(median, tiny model, {effect['threads']} thread(s)).")
+    return lines
+
+
+def write_section(markdown: list[str]) -> None:
+    """Replace (or add) this script's section of RESULTS.md, leaving every other section as it is."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    body = "\n".join([SECTION, *markdown]).rstrip() + "\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_comparisons(args, params: dict[str, int], prompt_len: float) -> list[dict]:
+    plans = [(size, threads, False) for size in args.sizes for threads in args.threads
+             if threads == 2 or size == "tiny" or args.all_threads]
+    if args.bf16:
+        plans.append(("small", 2, True))
+    rows = []
+    for size, threads, bf16 in plans:
+        steps, warmup = (args.bf16_steps, 1) if bf16 else (args.steps[size], args.warmup)
+        print(f"-- {size}, {threads} thread(s), unipo {'bf16' if bf16 else 'fp32'}: {warmup}+{steps} steps each",
+              flush=True)
+        records = compare(size, threads, bf16, warmup, steps)
+        row = {"size": size, "threads": threads, "bf16": bf16, "gemm_gflops": args.gemm[threads],
+               **{name: summarise(r, params[size], prompt_len) for name, r in records.items()}}
+        print("\n".join(comparison_table([row])[2:]), flush=True)
+        rows.append(row)
+    return rows
+
+
+def load_report() -> str:
+    load = os.getloadavg()
+    return f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end of the run"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,small", help="comma-separated model sizes")
+    parser.add_argument("--threads", default="2,1", help="thread counts (1 thread is run for the tiny model)")
+    parser.add_argument("--all-threads", action="store_true", help="also run every size at every thread count")
+    parser.add_argument("--steps", default="tiny=12,small=6", help="measured steps per trainer, per size")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip unipo bf16 on the small model")
+    parser.add_argument("--bf16-steps", type=int, default=3)
+    parser.add_argument("--bf16-curve-steps", type=int, default=40, help="RL steps per run of the bf16 curve")
+    parser.add_argument("--parity-only", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    args.sizes = args.sizes.split(",")
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.steps = {k: int(v) for k, v in (item.split("=") for item in args.steps.split(","))}
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    model, tokenizer = build_model("tiny")
+    parity = parity_table(run_parity(model, tokenizer))
+    print("\n".join(parity), flush=True)
+    if args.parity_only:
+        return
+    params = {size: sum(p.numel() for p in build_model(size)[0].parameters()) for size in args.sizes}
+    prompt_len = statistics.mean(len(p.prompt) for p in training_problems(64))
+    args.gemm = {t: matmul_rate(t) for t in {*args.threads, 2}}
+    gemm_bf16 = matmul_rate(2, torch.bfloat16)
+    print(f"fp32 GEMM GFLOP/s by threads: {args.gemm}; bf16 at 2 threads: {gemm_bf16:.1f}", flush=True)
+    rows = run_comparisons(args, params, prompt_len)
+    effect = bf16_effect(args.bf16_curve_steps) if args.bf16_curve_steps else None
+    meta = {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "params": params, "prompt_len": prompt_len, "gemm_fp32": args.gemm, "gemm_bf16_2threads": gemm_bf16,
+            "load": load_report(), "seconds": time.time() - started}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({"meta": meta, "rows": rows, "bf16_effect": effect}, indent=2) + "\n")
+    markdown = render(rows, parity, effect, meta)
+    print("\n".join(markdown))
+    if not args.no_write:
+        write_section(markdown)
+        print(f"wrote {RESULTS} and {OUT}")
+
+
+def render(rows: list[dict], parity: list[str], effect: dict | None, meta: dict) -> list[str]:
+    lines = ["", f"Command: `{COMMAND}` ({meta['seconds'] / 60:.0f} min; torch {meta['torch']}, trl 1.16.0, "
+             f"{meta['cpus']} CPUs, {meta['load']}).", "",
+             f"Models: tiny {meta['params'].get('tiny', 0) / 1e6:.2f}M and small "
+             f"{meta['params'].get('small', 0) / 1e6:.2f}M parameters, 46-token vocabulary (43 characters + 3 "
+             f"special). Measured GEMM rate (2048^3 fp32, best of 5): "
+             + ", ".join(f"{v:.0f} GFLOP/s at {t} thread(s)" for t, v in sorted(meta["gemm_fp32"].items()))
+             + f"; bf16: {meta['gemm_bf16_2threads']:.1f} GFLOP/s at 2 threads.", "",
+             "### Speed (median step, alternating single steps)", "", *comparison_table(rows), "",
+             "### Loss parity (shared batch, fp32, tolerance 1e-5 relative)", "", *parity]
+    if effect:
+        lines += ["", "### bf16 autocast (off by default): effect on the loss and on learning", "", *bf16_table(effect)]
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,9 @@ never compete for the cores.
 from __future__ import annotations
 
 import resource
+import statistics
 import time
+import warnings
 from multiprocessing.connection import Connection
 
 import torch
@@ -68,8 +70,13 @@ def unipo_trainer(size: str, *, bf16: bool = False, steps: int = 1000, recipe: s
     return trainer
 
 
-def serve_unipo(conn: Connection, size: str, threads: int, bf16: bool) -> None:
+def _quiet(threads: int) -> None:
+    warnings.filterwarnings("ignore")  # deprecation notices from transformers/TRL would drown the table
     torch.set_num_threads(threads)
+
+
+def serve_unipo(conn: Connection, size: str, threads: int, bf16: bool) -> None:
+    _quiet(threads)
     trainer = unipo_trainer(size, bf16=bf16)
     while conn.recv() == "step":
         started = time.perf_counter()
@@ -154,7 +161,7 @@ class StepOnCommand(TrainerCallback):
 def serve_trl(conn: Connection, size: str, threads: int, max_steps: int = 10_000) -> None:
     import tempfile
 
-    torch.set_num_threads(threads)
+    _quiet(threads)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = trl_trainer(size, output_dir, max_steps)
         hook = StepOnCommand(conn, trainer)
@@ -162,3 +169,63 @@ def serve_trl(conn: Connection, size: str, threads: int, max_steps: int = 10_000
         if conn.recv() == "step":
             hook.resumed = time.perf_counter()
             trainer.train()
+
+
+# ------------------------------------------------------------------------------------------- bf16 effect
+CURVE_TASK, CURVE_SFT_STEPS, CURVE_PROMPTS, CURVE_GROUP, CURVE_LR = "sort:k=3", 25, 16, 8, 1e-3
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).norm() / reference.norm().clamp(min=1e-30))
+
+
+def _warm_started_tiny_model():
+    """The demo's start: the tiny model after a brief fp32 SFT on the curve task (so rewards are not all 0)."""
+    from unipo.config import OptimConfig, RolloutConfig, TrainConfig
+    from unipo.models import build_tiny_model
+    from unipo.recipes import get_recipe
+    from unipo.trainer import Trainer
+
+    model, tokenizer = build_tiny_model("tiny", seed=SEED)
+    config = TrainConfig(recipe=get_recipe("sft"), task=CURVE_TASK, steps=CURVE_SFT_STEPS, seed=SEED, device="cpu",
+                         rollout=RolloutConfig(prompts_per_step=256, group_size=1),
+                         optim=OptimConfig(lr=2e-3, micro_batch_size=512, warmup_steps=10))
+    Trainer(config, model=model, tokenizer=tokenizer, progress=False).fit()
+    return model, tokenizer
+
+
+def _reward_curve(model, tokenizer, steps: int, bf16: bool) -> tuple[list[float], float]:
+    from unipo.config import OptimConfig, RolloutConfig, TrainConfig
+    from unipo.recipes import get_recipe
+    from unipo.trainer import Trainer
+
+    config = TrainConfig(recipe=get_recipe("grpo"), task=CURVE_TASK, steps=steps, seed=SEED, device="cpu", bf16=bf16,
+                         rollout=RolloutConfig(prompts_per_step=CURVE_PROMPTS, group_size=CURVE_GROUP),
+                         optim=OptimConfig(lr=CURVE_LR, micro_batch_size=512))
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, progress=False)
+    history = [trainer.train_step().metrics for _ in range(steps)]
+    return [m["reward_mean"] for m in history], statistics.median(m["step_seconds"] for m in history)
+
+
+def bf16_effect(steps: int, block: int = 10) -> dict:
+    """bf16 autocast against fp32: the loss/gradient difference on one shared batch (tiny model, grpo), and the
+    reward curves of two grpo runs from the same fp32 SFT warm start and seed that differ only in `bf16`."""
+    import copy
+
+    from trl_parity import shared_batch, unipo_loss
+
+    model, tokenizer = build_model("tiny")
+    batch = shared_batch(model, tokenizer)
+    fp32 = unipo_loss(copy.deepcopy(model), tokenizer, "grpo", batch)
+    bf16 = unipo_loss(copy.deepcopy(model), tokenizer, "grpo", batch, bf16=True)
+    names = sorted(fp32[1])
+    grads = [torch.cat([g[n].flatten() for n in names]) for g in (bf16[1], fp32[1])]
+    warm, tokenizer = _warm_started_tiny_model()
+    curves, seconds = {}, {}
+    for name in ("fp32", "bf16"):
+        rewards, seconds[name] = _reward_curve(copy.deepcopy(warm), tokenizer, steps, bf16=name == "bf16")
+        curves[name] = [statistics.mean(rewards[i:i + block]) for i in range(0, steps, block)]
+    return {"loss_rel": abs(bf16[0] - fp32[0]) / abs(fp32[0]), "grad_rel": _relative(*grads), "task": CURVE_TASK,
+            "sft_steps": CURVE_SFT_STEPS, "prompts": CURVE_PROMPTS, "group": CURVE_GROUP, "block": block,
+            "blocks": [f"{i + 1}-{min(i + block, steps)}" for i in range(0, steps, block)], "curves": curves,
+            "seconds": seconds, "threads": torch.get_num_threads()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_vs_onpolicy.py"
@@ -13,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_vs_onpolic
 def load_study():
     spec = importlib.util.spec_from_file_location("hybrid_vs_onpolicy", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -101,6 +101,8 @@ class LeanDecoder:
     # -- pieces -------------------------------------------------------------------------------------
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm: normalise in float32, back to the input dtype, then scale (same rounding steps)."""
+        if x.dtype == weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # one kernel, bit-identical to the steps below
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return weight * normed
 
@@ -151,6 +153,110 @@ class LeanDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
+    # -- whole passes -------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, padded: bool):
+        """Run prompts [N, P] (left-padded, `mask` 1 on tokens); return the last position's hidden state
+        [N, 1, H] and every layer's keys/values [N, kv_heads, P, d]."""
+        cache = NoCache(keep=True)
+        attend = prefill_mask(mask) if padded else None
+        hidden = self.hidden(ids, positions_from_mask(mask), attend, cache)
+        return hidden[:, -1:], cache.layers
+
+    def completion_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                          padded: bool) -> torch.Tensor:
+        """Hidden states [B, 1 + T, H] at the positions that predict each of `completion_ids` [B, 1 + T] (the last
+        prompt token, then the first T completion tokens), with each distinct prompt run once (see PrefixCache).
+
+        Consecutive rows with identical prompts share one prompt pass; completion tokens sit right after their
+        row's prompt tokens (positions continue from the prompt length)."""
+        owner, unique = prompt_groups(prompt_ids, prompt_mask)
+        last, layers = self.prefill(prompt_ids[unique], prompt_mask[unique], padded)
+        last = last.index_select(0, owner)  # [B, 1, H]
+        length = completion_ids.shape[1] - 1
+        if length == 0:
+            return last
+        prefix = PrefixCache([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in layers])
+        start = prompt_mask.sum(dim=1, keepdim=True)  # [B, 1] position of completion token 0
+        positions = start + torch.arange(length, device=start.device)
+        attend = completion_mask(prompt_mask if padded else prompt_mask[:1], length)
+        return torch.cat([last, self.hidden(completion_ids[:, :-1], positions, attend, prefix)], dim=1)
+
+
+class Decoding:
+    """One-token decode steps (inference only) on weights concatenated once per generation: q|k|v and gate|up
+    each become one matmul, and q and k are rotated together. The same products and sums as `hidden`, in fewer
+    operator calls, which is what a small model's decode step costs on a CPU. Under autocast the concatenated
+    weights are stored in the autocast dtype, so no step re-casts them."""
+
+    def __init__(self, lean: LeanDecoder) -> None:
+        self.lean = lean
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self.layers = [self._fuse(layer, dtype) for layer in lean.layers]
+
+    @staticmethod
+    def _fuse(layer: _Layer, dtype: torch.dtype | None):
+        def cat(*tensors):
+            joined = torch.cat(tensors).detach()
+            return joined if dtype is None else joined.to(dtype)
+
+        def bias(*linears):
+            if all(m.bias is None for m in linears):
+                return None
+            return cat(*(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears))
+        return (layer.norm1, cat(layer.q.weight, layer.k.weight, layer.v.weight), bias(layer.q, layer.k, layer.v),
+                layer.o, layer.norm2, cat(layer.gate.weight, layer.up.weight), bias(layer.gate, layer.up), layer.down)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+             cache: BufferCache) -> torch.Tensor:
+        """Next-token logits [B, V] after one token per row (`ids`, `positions`: [B, 1])."""
+        lean, (batch, _) = self.lean, ids.shape
+        heads, kv_heads, dim = lean.heads, lean.kv_heads, lean.head_dim
+        h = F.embedding(ids, lean.embedding)
+        cos, sin = lean.rotary(positions, h.dtype)
+        for index, (norm1, qkv_w, qkv_b, o, norm2, gate_up_w, gate_up_b, down) in enumerate(self.layers):
+            qkv = F.linear(lean.norm(h, norm1), qkv_w, qkv_b).view(batch, 1, -1, dim).transpose(1, 2)
+            qk = lean.rotate(qkv[:, :heads + kv_heads], cos, sin)
+            k, v = cache.extend(index, qk[:, heads:], qkv[:, heads + kv_heads:])
+            out = F.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=mask, scale=lean.scaling,
+                                                 enable_gqa=heads != kv_heads)
+            h = h + o(out.transpose(1, 2).reshape(batch, 1, heads * dim))
+            gate, up = F.linear(lean.norm(h, norm2), gate_up_w, gate_up_b).chunk(2, dim=-1)
+            h = h + down(F.silu(gate) * up)
+        cache.advance(1)
+        return lean.logits(lean.norm(h, lean.final_norm))[:, -1]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: cumsum(mask) - 1, clamped at 0 for the padding itself."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_groups(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [B, P]: `owner` [B], the index of each row's prompt among the distinct ones, and `unique` [U],
+    the first row of each run of consecutive identical rows (ids and mask)."""
+    new = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new[1:] = (ids[1:] != ids[:-1]).any(dim=1) | (mask[1:] != mask[:-1]).any(dim=1)
+    return new.long().cumsum(0) - 1, new.nonzero().squeeze(1)
+
+
+def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool [N, 1, P, P]: causal, not to padding keys. A padding query attends to itself alone, so that no row
+    is empty (SDPA would give NaN, which masked-out keys would still carry into real rows as 0 * NaN)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=mask.device)
+    return ((causal & mask.bool()[:, None, :]) | eye)[:, None]
+
+
+def completion_mask(prompt_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool [R, 1, T, P + T] for T completion queries after a [R, P] prompt: every prompt token of the row
+    (not its padding), then causal over the completion."""
+    rows, prompt_len = prompt_mask.shape
+    device = prompt_mask.device
+    prompt_part = prompt_mask.bool()[:, None, None, :].expand(rows, 1, length, prompt_len)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril().expand(rows, 1, length, length)
+    return torch.cat([prompt_part, causal], dim=-1)
+
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:
     """A LeanDecoder for `model` when it reproduces the HF forward exactly, else None."""
@@ -183,7 +289,7 @@ def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
     modules = [model, body, body.embed_tokens, body.norm, *linears]
     return (all(type(m) is nn.Linear for m in linears) and type(body.embed_tokens) is nn.Embedding
             and type(body.norm).__name__.endswith("RMSNorm") and not any(_hooked(m) for m in modules)
-            and type(model.forward) is type(nn.Module.forward.__get__(model)) and _unpatched_forward(model))
+            and _unpatched_forward(model))
 
 
 def _hooked(module: nn.Module) -> bool:

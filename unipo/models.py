@@ -158,7 +158,26 @@ def _load_adapter(path: str, dtype: torch.dtype):
         raise ValueError(f"LoRA checkpoint {path!r} does not name its base model (base_model_name_or_path)")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     tokenizer_source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
-    return PeftModel.from_pretrained(model, path, is_trainable=True), AutoTokenizer.from_pretrained(tokenizer_source)
+    return PeftModel.from_pretrained(model, path, is_trainable=True), load_tokenizer(tokenizer_source)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(source)`, except for a saved plain `tokenizers` tokenizer (the char tokenizer).
+
+    transformers 5 picks the tokenizer class from the model config's `model_type` (qwen2 -> Qwen2Tokenizer), which
+    replaces the saved pre-tokenizer with its own and silently drops spaces ("sort 2 8:" -> "sort28:"), so a saved
+    tiny model would no longer read its prompts. A local folder whose tokenizer_config.json declares the generic
+    class is loaded as that class, with its tokenizer.json as saved.
+    """
+    config_file = os.path.join(source, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        import json
+
+        with open(config_file) as fh:
+            declared = json.load(fh).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source)
 
 
 def load_model(
@@ -190,7 +209,7 @@ def load_model(
             model, tokenizer = _load_adapter(name, torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from unipo.core.logprobs import entropy_from_logits, selective_log_softmax
+from unipo.lean_decoder import BufferCache, Decoding, LeanDecoder, lean_decoder, positions_from_mask
 
 
 @dataclass
@@ -61,11 +62,6 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device
             ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding: cumsum(mask) - 1, clamped at 0 for the left padding itself."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -185,6 +181,61 @@ def _prefill_groups(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     return logits, cache, prompt_ids, prompt_mask
 
 
+def _hf_decoder(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                max_new_tokens: int, share_prompt_cache: bool):
+    """Prefill through the HF forward; return the first logits [B, V], the B-row prompts, and `step(token,
+    steps)` that feeds one token column [B, 1] and returns the next logits (the general path)."""
+    fast = _plain_sdpa_model(model)
+    capacity = prompt_ids.shape[1] + max_new_tokens if fast else None
+    logits, cache, prompt_ids, prompt_mask = _prefill_groups(
+        model, prompt_ids, prompt_mask, group_size, share_prompt_cache, capacity)
+    batch, prompt_len = prompt_ids.shape
+    # Attention over [prompt | completion so far]; finished rows keep attending to their own (pad) tokens,
+    # which is harmless because their outputs are discarded.
+    attention = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=prompt_ids.device)
+    attention[:, :prompt_len] = prompt_mask
+    if fast:
+        attention = attention.bool()[:, None, None, :]  # [B, 1, 1, L]: HF uses a 4D mask as given
+    first_position = prompt_mask.sum(dim=-1, keepdim=True)  # [B, 1] position of completion token 0
+
+    def step(token: torch.Tensor, steps: int) -> torch.Tensor:
+        return model(input_ids=token, attention_mask=attention[..., :prompt_len + steps],
+                     position_ids=first_position + (steps - 1), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+    return logits, prompt_ids, prompt_mask, step
+
+
+def _lean_decoder(lean: LeanDecoder, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                  max_new_tokens: int):
+    """`_hf_decoder` on the lean forward: each distinct prompt prefilled once, its keys/values copied G times
+    into preallocated buffers that the decode steps fill in place."""
+    padded = not bool(prompt_mask.all())  # no padding (one prompt length): plain causal masks, no mask tensors
+    last, layers = lean.prefill(prompt_ids, prompt_mask, padded)
+    logits = lean.logits(last)[:, -1].repeat_interleave(group_size, dim=0)  # [B, V]
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    batch, prompt_len = prompt_ids.shape
+    keys, values = [], []
+    for k, v in layers:
+        for source, buffers in ((k, keys), (v, values)):
+            buffer = source.new_empty((batch, source.shape[1], prompt_len + max_new_tokens, source.shape[3]))
+            buffer[:, :, :prompt_len] = source.repeat_interleave(group_size, dim=0)
+            buffers.append(buffer)
+    cache = BufferCache(keys, values, prompt_len)
+    attention = None
+    if padded:  # [B, 1, 1, L]: the row's prompt tokens and every completion token so far
+        attention = torch.ones((batch, 1, 1, prompt_len + max_new_tokens), dtype=torch.bool, device=prompt_ids.device)
+        attention[:, 0, 0, :prompt_len] = prompt_mask.bool()
+    first_position = prompt_mask.sum(dim=-1, keepdim=True)
+
+    decoding = Decoding(lean)
+
+    def step(token: torch.Tensor, steps: int) -> torch.Tensor:
+        mask = None if attention is None else attention[..., :prompt_len + steps]
+        return decoding.step(token, first_position + (steps - 1), mask, cache)
+    return logits, prompt_ids, prompt_mask, step
+
+
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
@@ -205,26 +256,23 @@ def generate(
     records log_softmax(logits / temperature)[y_t] over the full vocabulary: the log-prob the policy assigns
     to y_t at this temperature, which is what importance ratios compare against (with top_p < 1 the nucleus
     renormalisation is deliberately not included). With `share_prompt_cache` each distinct prompt is
-    prefilled once and its cache repeated G times; otherwise the prompts are repeated before prefill (the
-    reference path). Rows that emitted EOS keep emitting pad; the loop stops when all rows are done or after
-    `max_new_tokens`. The model is used in whatever train/eval mode it is in.
+    prefilled once and its cache repeated G times, on the lean forward when the model has one
+    (`unipo.lean_decoder`); otherwise the prompts are repeated before an HF prefill (the reference path).
+    Rows that emitted EOS keep emitting pad; the loop stops when all rows are done or after `max_new_tokens`.
+    The model is used in whatever train/eval mode it is in.
     """
     _check_generate_args(prompts, group_size, max_new_tokens, temperature, top_p, greedy)
     device = _model_device(model)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # [N, P]
-    fast = _plain_sdpa_model(model)
-    capacity = prompt_ids.shape[1] + max_new_tokens if fast else None
+    lean = lean_decoder(model) if share_prompt_cache else None
     with torch.inference_mode():
-        logits, cache, prompt_ids, prompt_mask = _prefill_groups(
-            model, prompt_ids, prompt_mask, group_size, share_prompt_cache, capacity)
-        batch, prompt_len = prompt_ids.shape
-        # Attention over [prompt | completion so far]; finished rows keep attending to their own (pad) tokens,
-        # which is harmless because their outputs are discarded.
-        attention = torch.ones((batch, prompt_len + max_new_tokens), dtype=torch.long, device=device)
-        attention[:, :prompt_len] = prompt_mask
-        if fast:
-            attention = attention.bool()[:, None, None, :]  # [B, 1, 1, L]: HF uses a 4D mask as given
-        first_position = prompt_mask.sum(dim=-1, keepdim=True)  # [B, 1] position of completion token 0
+        if lean is not None:
+            logits, prompt_ids, prompt_mask, step = _lean_decoder(lean, prompt_ids, prompt_mask, group_size,
+                                                                  max_new_tokens)
+        else:
+            logits, prompt_ids, prompt_mask, step = _hf_decoder(model, prompt_ids, prompt_mask, group_size,
+                                                                max_new_tokens, share_prompt_cache)
+        batch = prompt_ids.shape[0]
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         token_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
         live = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
@@ -241,9 +289,7 @@ def generate(
             # which cost far more than reading one bool.
             if steps == max_new_tokens or bool(done.all()):
                 break
-            logits = model(input_ids=tokens[:, steps - 1:steps], attention_mask=attention[..., :prompt_len + steps],
-                           position_ids=first_position + (steps - 1), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1]
+            logits = step(tokens[:, steps - 1:steps], steps)
     # Clone out of inference mode: inference tensors cannot be saved for backward, and the trainer mixes
     # these (as constants) into differentiable expressions.
     return Generation(
@@ -265,6 +311,27 @@ def _check_policy_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, co
         raise ValueError(f"masks must match their ids: prompt {list(prompt_ids.shape)} vs mask "
                          f"{list(prompt_mask.shape)}, completion {list(completion_ids.shape)} vs mask "
                          f"{list(completion_mask.shape)}")
+
+
+def _hf_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+               completion_mask: torch.Tensor, return_hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits [B, T, V] predicting each completion token from one HF forward over [prompt | completion[:-1]],
+    and (when asked) the LM head's input at those positions."""
+    kept = completion_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids[:, :kept - 1]], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask[:, :kept - 1]], dim=1).long()
+    captured: list[torch.Tensor] = []
+    head, hook = model.get_output_embeddings(), None
+    if return_hidden:
+        # The LM head's input at the kept positions is exactly the hidden state that predicts each token.
+        hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       use_cache=False, logits_to_keep=kept).logits  # [B, T, V]
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits, captured
 
 
 def policy_logprobs(
@@ -297,8 +364,11 @@ def policy_logprobs(
     completion_columns = completion_keep.any(dim=0).long()  # [T]
     column_number = torch.arange(1, width + 1, device=completion_keep.device)
     last_used = F.pad(completion_columns * column_number, (1, 0)).max()  # leading 0: T may be 0
-    has_prompt, first, kept = torch.stack([prompt_columns.max(), prompt_columns.argmax(), last_used]).tolist()
-    # first = first prompt column any row uses; kept = 1 + last completion column any row uses
+    padding = (prompt_mask == 0).sum()
+    has_prompt, first, kept, padding = torch.stack(
+        [prompt_columns.max(), prompt_columns.argmax(), last_used, padding]).tolist()
+    # first = first prompt column any row uses; kept = 1 + last completion column any row uses; padding left
+    # after cutting the first columns means rows of different prompt lengths
     if not has_prompt:
         raise ValueError("prompt_mask is all zero: every row needs at least one prompt token")
     head = model.get_output_embeddings()
@@ -308,20 +378,14 @@ def policy_logprobs(
         return PolicyOutput(logp=zeros, entropy=zeros.clone() if need_entropy else None, hidden=hidden)
 
     targets = completion_ids[:, :kept]  # [B, T']
-    ids = torch.cat([prompt_ids[:, first:], completion_ids[:, :kept - 1]], dim=1)
-    mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :kept - 1]], dim=1).long()
-
-    captured: list[torch.Tensor] = []
-    hook = None
-    if return_hidden:
-        # The LM head's input at the kept positions is exactly the hidden state that predicts each token.
-        hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                       use_cache=False, logits_to_keep=kept).logits  # [B, T', V]
-    finally:
-        if hook is not None:
-            hook.remove()
+    lean = lean_decoder(model)
+    if lean is not None:  # each distinct prompt runs once for its group (see LeanDecoder.completion_hidden)
+        captured = [lean.completion_hidden(prompt_ids[:, first:], prompt_mask[:, first:], targets,
+                                           padded=padding > batch * first)]
+        logits = lean.logits(captured[0])
+    else:
+        logits, captured = _hf_logits(model, prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :kept],
+                                      completion_mask[:, :kept], return_hidden)
     # Temperature is applied (and half precision upcast) chunk by chunk inside: no scaled copy of the logits.
     keep = completion_keep[:, :kept]  # [B, T']
     pad_right = (0, width - kept)
