@@ -71,8 +71,8 @@ class Worker:
         self.process = context.Process(target=target, args=(child, *args), daemon=True)
         self.process.start()
 
-    def step(self) -> dict[str, float]:
-        self.conn.send("step")
+    def step(self, command: str = "step") -> dict[str, float]:
+        self.conn.send(command)
         return self.conn.recv()
 
     def stop(self) -> None:
@@ -80,8 +80,9 @@ class Worker:
         self.process.join(timeout=120)
 
 
-def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int) -> dict[str, list[dict]]:
-    """Per-step records of unipo (bf16 autocast if asked) and TRL (fp32), alternating single steps."""
+def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int):
+    """Per-step records of unipo (bf16 autocast if asked) and TRL (fp32), alternating single steps, and one more
+    step of each under the torch profiler (its time by kind of operator)."""
     workers = {"unipo": Worker(serve_unipo, size, threads, bf16), "trl": Worker(serve_trl, size, threads)}
     try:
         for _ in range(warmup):  # first steps: allocations, kernel selection, lazy imports
@@ -92,10 +93,11 @@ def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int) -> dic
             order = list(workers) if round_ % 2 == 0 else list(workers)[::-1]
             for name in order:
                 records[name].append(workers[name].step())
+        profiles = {name: worker.step("profile") for name, worker in workers.items()}
     finally:
         for worker in workers.values():
             worker.stop()
-    return records
+    return records, profiles
 
 
 def summarise(records: list[dict], params: int, prompt_len: float) -> dict[str, float]:
@@ -128,6 +130,19 @@ def comparison_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {row['size']} | {row['threads']} | **TRL / unipo** | **{ratio['step']:.2f}x** | "
                      f"{ratio['generation']:.2f}x | {ratio['update']:.2f}x | | "
                      f"{row['trl']['rss_mb'] / row['unipo']['rss_mb']:.2f}x | | | |")
+    return lines
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    kinds = ("gemm", "attention", "other ops", "optimizer", "python & dispatch")
+    lines = ["| model | threads | trainer | profiled step s | " + " | ".join(kinds) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(kinds)]
+    for row in rows:
+        for name in ("trl", "unipo"):
+            p = row["profile"][name]
+            label = "TRL fp32" if name == "trl" else f"unipo {'bf16' if row['bf16'] else 'fp32'}"
+            lines.append(f"| {row['size']} | {row['threads']} | {label} | {p['wall']:.3f} | "
+                         + " | ".join(f"{p[k]:.3f} ({100 * p[k] / p['wall']:.0f}%)" for k in kinds) + " |")
     return lines
 
 
@@ -170,9 +185,10 @@ def run_comparisons(args, params: dict[str, int], prompt_len: float) -> list[dic
         steps, warmup = (args.bf16_steps, 1) if bf16 else (args.steps[size], args.warmup)
         print(f"-- {size}, {threads} thread(s), unipo {'bf16' if bf16 else 'fp32'}: {warmup}+{steps} steps each",
               flush=True)
-        records = compare(size, threads, bf16, warmup, steps)
+        records, profiles = compare(size, threads, bf16, warmup, steps)
         row = {"size": size, "threads": threads, "bf16": bf16, "gemm_gflops": args.gemm[threads],
-               **{name: summarise(r, params[size], prompt_len) for name, r in records.items()}}
+               **{name: summarise(r, params[size], prompt_len) for name, r in records.items()},
+               "profile": profiles}
         print("\n".join(comparison_table([row])[2:]), flush=True)
         rows.append(row)
     return rows
@@ -192,7 +208,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip unipo bf16 on the small model")
     parser.add_argument("--bf16-steps", type=int, default=3)
-    parser.add_argument("--bf16-curve-steps", type=int, default=40, help="RL steps per run of the bf16 curve")
+    parser.add_argument("--bf16-curve-steps", type=int, default=30, help="RL steps per run of the bf16 curve")
     parser.add_argument("--parity-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
@@ -213,7 +229,7 @@ def main() -> None:
     params = {size: sum(p.numel() for p in build_model(size)[0].parameters()) for size in args.sizes}
     prompt_len = statistics.mean(len(p.prompt) for p in training_problems(64))
     args.gemm = {t: matmul_rate(t) for t in {*args.threads, 2}}
-    gemm_bf16 = matmul_rate(2, torch.bfloat16)
+    gemm_bf16 = matmul_rate(2, torch.bfloat16, size=1024, repeats=2)  # 1024^3: a CPU without bf16 units is slow
     print(f"fp32 GEMM GFLOP/s by threads: {args.gemm}; bf16 at 2 threads: {gemm_bf16:.1f}", flush=True)
     rows = run_comparisons(args, params, prompt_len)
     effect = bf16_effect(args.bf16_curve_steps) if args.bf16_curve_steps else None
@@ -236,8 +252,10 @@ def render(rows: list[dict], parity: list[str], effect: dict | None, meta: dict)
              f"{meta['params'].get('small', 0) / 1e6:.2f}M parameters, 46-token vocabulary (43 characters + 3 "
              f"special). Measured GEMM rate (2048^3 fp32, best of 5): "
              + ", ".join(f"{v:.0f} GFLOP/s at {t} thread(s)" for t, v in sorted(meta["gemm_fp32"].items()))
-             + f"; bf16: {meta['gemm_bf16_2threads']:.1f} GFLOP/s at 2 threads.", "",
+             + f"; bf16 (1024^3): {meta['gemm_bf16_2threads']:.1f} GFLOP/s at 2 threads.", "",
              "### Speed (median step, alternating single steps)", "", *comparison_table(rows), "",
+             "### Where the time goes (one more step of each under torch.profiler, seconds and share)", "",
+             *profile_table(rows), "",
              "### Loss parity (shared batch, fp32, tolerance 1e-5 relative)", "", *parity]
     if effect:
         lines += ["", "### bf16 autocast (off by default): effect on the loss and on learning", "", *bf16_table(effect)]

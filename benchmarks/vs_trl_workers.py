@@ -46,12 +46,49 @@ def training_problems(n: int, seed: int = SEED):
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across exec, so a spawned
+    worker would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _reply(step: float, generation: float, tokens: float, reward: float) -> dict[str, float]:
     return {"step": step, "generation": generation, "update": step - generation, "tokens": tokens,
             "reward": reward, "rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+_GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
+
+
+def _category(op: str) -> str | None:
+    if not op.startswith("aten::"):
+        return None
+    if op in _GEMM:
+        return "gemm"
+    if "scaled_dot_product" in op:
+        return "attention"
+    return "optimizer" if "adam" in op else "other ops"
+
+
+def op_breakdown(profiler, wall: float) -> dict[str, float]:
+    """Seconds of one profiled step by kind of operator (self CPU time of the calling thread, intra-op threads
+    included), and the rest of the wall time: Python, dispatch and profiler overhead."""
+    totals = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other ops": 0.0}
+    for event in profiler.key_averages():
+        kind = _category(event.key)
+        if kind:
+            totals[kind] += event.self_cpu_time_total / 1e6
+    totals["python & dispatch"] = max(0.0, wall - sum(totals.values()))
+    return {**totals, "wall": wall}
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
 
 
 # ------------------------------------------------------------------------------------------------ unipo
@@ -78,7 +115,13 @@ def _quiet(threads: int) -> None:
 def serve_unipo(conn: Connection, size: str, threads: int, bf16: bool) -> None:
     _quiet(threads)
     trainer = unipo_trainer(size, bf16=bf16)
-    while conn.recv() == "step":
+    while (command := conn.recv()) in ("step", "profile"):
+        if command == "profile":
+            with _profiler() as profiler:
+                started = time.perf_counter()
+                trainer.train_step()
+            conn.send(op_breakdown(profiler, time.perf_counter() - started))
+            continue
         started = time.perf_counter()
         metrics = trainer.train_step().metrics
         step = time.perf_counter() - started
@@ -137,7 +180,7 @@ class StepOnCommand(TrainerCallback):
     count) to `on_step_end`; generation is timed by wrapping `_generate_and_score_completions`."""
 
     def __init__(self, conn: Connection, trainer) -> None:
-        self.conn, self.generation, self.tokens = conn, 0.0, 0.0
+        self.conn, self.generation, self.tokens, self.profiler = conn, 0.0, 0.0, None
         self.resumed = time.perf_counter()
         generate = trainer._generate_and_score_completions
 
@@ -151,8 +194,17 @@ class StepOnCommand(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = time.perf_counter() - self.resumed
-        self.conn.send(_reply(step, self.generation, self.tokens, float("nan")))
-        if self.conn.recv() != "step":
+        if self.profiler is not None:  # this step ran under the profiler: report its breakdown instead
+            self.profiler.__exit__(None, None, None)
+            self.conn.send(op_breakdown(self.profiler, step))
+            self.profiler = None
+        else:
+            self.conn.send(_reply(step, self.generation, self.tokens, float("nan")))
+        command = self.conn.recv()
+        if command == "profile":
+            self.profiler = _profiler()
+            self.profiler.__enter__()
+        elif command != "step":
             control.should_training_stop = True
         self.resumed = time.perf_counter()
         return control

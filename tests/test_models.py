@@ -185,3 +185,14 @@ def test_a_lora_checkpoint_reloads_with_its_base_and_stays_trainable(tmp_path):
     torch.testing.assert_close(again(ids).logits, lora_model(ids).logits)
     assert {n for n, p in again.named_parameters() if p.requires_grad} == {
         n for n, p in lora_model.named_parameters() if p.requires_grad}
+
+
+def test_a_saved_tiny_model_reads_spaces_after_reloading(tmp_path):
+    """Regression: transformers 5 picked Qwen2Tokenizer for a saved tiny model (from model_type) and
+    silently dropped spaces, so "sort 2 8:" was read as "sort28:"."""
+    model, tokenizer = build_tiny_model("tiny", seed=0)
+    save_model(model, tokenizer, tmp_path)
+    _, again = load_model(str(tmp_path), device="cpu")
+    text = "sort 2 8 4 0: 0 2 4 8"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.decode(again(text)["input_ids"]) == text

@@ -155,3 +155,19 @@ def test_single_stream_baseline_tracks_each_prompt():
 def test_every_recipe_documents_its_paper_and_mechanism():
     for recipe in RECIPES.values():
         assert recipe.summary and recipe.paper, recipe.name
+
+
+def test_dapo_overlong_penalty_spares_answers_that_end_in_time():
+    """DAPO's soft punishment covers the last 20% of the budget: a finished answer of a few
+    tokens keeps its full reward; only completions running into the buffer lose some."""
+    from unipo.core.selection import overlong_reward_penalty
+
+    trainer = make_trainer("dapo", task="addition")  # budget 6 tokens: the buffer is the last 2
+    assert trainer.max_new_tokens == 6
+    penalty = overlong_reward_penalty(torch.tensor([3, 4, 5, 6]), 6, 2)
+    assert penalty.tolist() == [0.0, 0.0, -0.5, -1.0]
+    batch, _ = trainer.collector.collect(seed=0, step=0)
+    lengths = batch.completion_mask.sum(1)
+    raw = batch.correct.float()  # addition scores 0/1
+    expected = raw + overlong_reward_penalty(lengths, 6, 2)
+    torch.testing.assert_close(batch.rewards, expected)

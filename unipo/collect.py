@@ -186,9 +186,9 @@ class RolloutCollector:
         scores, errors = score_completions(self.task, row_problem, full_texts)
         rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
         correct = rewards >= 1.0
-        if self.recipe.overlong_buffer:
+        if self.recipe.overlong_buffer_frac:
             lengths = gen.completion_mask.sum(1)
-            buffer = min(self.recipe.overlong_buffer, self.max_new_tokens)
+            buffer = math.ceil(self.recipe.overlong_buffer_frac * self.max_new_tokens)
             rewards = rewards + overlong_reward_penalty(lengths, self.max_new_tokens, buffer).to(rewards.dtype)
         prompt_index = torch.tensor([first_index + i for i in which for _ in range(n)], device=self.device)
         rows = len(full_texts)

@@ -56,7 +56,7 @@ class Recipe:
     selection: tuple[str, ...] = ()
     selection_params: Mapping[str, Any] = field(default_factory=dict)
     dynamic_sampling: bool = False  # DAPO: refill the batch with groups whose rewards differ
-    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0 = off)
+    overlong_buffer_frac: float = 0.0  # DAPO soft overlong punishment over this last fraction of the budget (0 = off)
     # RL/SFT mixing
     mixer: str = "rl"
     mixer_params: Mapping[str, Any] = field(default_factory=dict)
@@ -81,6 +81,8 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: expert_per_group needs data='mixed' or 'expert'")
         if self.sft_weighting not in ("uniform", "phi"):
             raise ValueError(f"recipe {self.name}: sft_weighting must be 'uniform' or 'phi'")
+        if not 0.0 <= self.overlong_buffer_frac < 1.0:
+            raise ValueError(f"recipe {self.name}: overlong_buffer_frac must be in [0, 1)")
         if self.epochs < 1:
             raise ValueError(f"recipe {self.name}: epochs must be >= 1")
 

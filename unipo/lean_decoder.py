@@ -182,50 +182,6 @@ class LeanDecoder:
         return torch.cat([last, self.hidden(completion_ids[:, :-1], positions, attend, prefix)], dim=1)
 
 
-class Decoding:
-    """One-token decode steps (inference only) on weights concatenated once per generation: q|k|v and gate|up
-    each become one matmul, and q and k are rotated together. The same products and sums as `hidden`, in fewer
-    operator calls, which is what a small model's decode step costs on a CPU. Under autocast the concatenated
-    weights are stored in the autocast dtype, so no step re-casts them."""
-
-    def __init__(self, lean: LeanDecoder) -> None:
-        self.lean = lean
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        self.layers = [self._fuse(layer, dtype) for layer in lean.layers]
-
-    @staticmethod
-    def _fuse(layer: _Layer, dtype: torch.dtype | None):
-        def cat(*tensors):
-            joined = torch.cat(tensors).detach()
-            return joined if dtype is None else joined.to(dtype)
-
-        def bias(*linears):
-            if all(m.bias is None for m in linears):
-                return None
-            return cat(*(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears))
-        return (layer.norm1, cat(layer.q.weight, layer.k.weight, layer.v.weight), bias(layer.q, layer.k, layer.v),
-                layer.o, layer.norm2, cat(layer.gate.weight, layer.up.weight), bias(layer.gate, layer.up), layer.down)
-
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-             cache: BufferCache) -> torch.Tensor:
-        """Next-token logits [B, V] after one token per row (`ids`, `positions`: [B, 1])."""
-        lean, (batch, _) = self.lean, ids.shape
-        heads, kv_heads, dim = lean.heads, lean.kv_heads, lean.head_dim
-        h = F.embedding(ids, lean.embedding)
-        cos, sin = lean.rotary(positions, h.dtype)
-        for index, (norm1, qkv_w, qkv_b, o, norm2, gate_up_w, gate_up_b, down) in enumerate(self.layers):
-            qkv = F.linear(lean.norm(h, norm1), qkv_w, qkv_b).view(batch, 1, -1, dim).transpose(1, 2)
-            qk = lean.rotate(qkv[:, :heads + kv_heads], cos, sin)
-            k, v = cache.extend(index, qk[:, heads:], qkv[:, heads + kv_heads:])
-            out = F.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=mask, scale=lean.scaling,
-                                                 enable_gqa=heads != kv_heads)
-            h = h + o(out.transpose(1, 2).reshape(batch, 1, heads * dim))
-            gate, up = F.linear(lean.norm(h, norm2), gate_up_w, gate_up_b).chunk(2, dim=-1)
-            h = h + down(F.silu(gate) * up)
-        cache.advance(1)
-        return lean.logits(lean.norm(h, lean.final_norm))[:, -1]
-
-
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: cumsum(mask) - 1, clamped at 0 for the padding itself."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)

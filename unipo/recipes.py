@@ -52,7 +52,7 @@ DR_GRPO = _add(Recipe(
 
 DAPO = _add(Recipe(
     name="dapo",
-    notes="The paper's soft overlong buffer is 4k tokens of a 20k budget; we punish over the last 4 tokens of the (short) budget, clamped to the budget. Dynamic sampling retries at most rollout.max_resample_tries extra rounds and then trains on the groups it has.",
+    notes="The paper's soft overlong buffer is 4k tokens of a 20k budget; we keep that ratio: the penalty ramps from 0 to -1 over the last 20% of the task's generation budget (rounded up to whole tokens). Dynamic sampling retries at most rollout.max_resample_tries extra rounds and then trains on the groups it has.",
     summary="clip-higher, dynamic sampling, token-level mean, soft overlong punishment",
     paper="arXiv 2503.14476 (DAPO, sec. 3.1-3.4)",
     advantage="grpo",
@@ -60,9 +60,7 @@ DAPO = _add(Recipe(
     loss_params={"eps_low": 0.2, "eps_high": 0.28},
     aggregation="token_mean",
     dynamic_sampling=True,
-    # The paper's buffer is 4k of a 20k budget; on short tasks we punish over the last
-    # quarter of the budget (the trainer clamps the buffer to the budget).
-    overlong_buffer=4,
+    overlong_buffer_frac=0.2,  # the paper's 4k buffer of a 20k budget
 ))
 
 GSPO = _add(Recipe(

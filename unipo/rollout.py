@@ -17,7 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from unipo.core.logprobs import entropy_from_logits, selective_log_softmax
-from unipo.lean_decoder import BufferCache, Decoding, LeanDecoder, lean_decoder, positions_from_mask
+from unipo.lean_decoder import BufferCache, LeanDecoder, lean_decoder, positions_from_mask
 
 
 @dataclass
@@ -228,11 +228,12 @@ def _lean_decoder(lean: LeanDecoder, prompt_ids: torch.Tensor, prompt_mask: torc
         attention[:, 0, 0, :prompt_len] = prompt_mask.bool()
     first_position = prompt_mask.sum(dim=-1, keepdim=True)
 
-    decoding = Decoding(lean)
 
     def step(token: torch.Tensor, steps: int) -> torch.Tensor:
         mask = None if attention is None else attention[..., :prompt_len + steps]
-        return decoding.step(token, first_position + (steps - 1), mask, cache)
+        hidden = lean.hidden(token, first_position + (steps - 1), mask, cache)
+        cache.advance(1)
+        return lean.logits(hidden)[:, -1]
     return logits, prompt_ids, prompt_mask, step
 
 
