@@ -47,17 +47,19 @@ COMMAND = ".venv/bin/python benchmarks/vs_trl.py"
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def matmul_rate(threads: int, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` GFLOP/s of one [size, size] @ [size, size] matmul at `threads` threads."""
+def matmul_rate(threads: int, bf16: bool = False, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of `F.linear` on [size, size] x [size, size] at `threads` threads: fp32, or
+    under bf16 autocast (the path the trainer's `bf16` option takes)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
+    x, w = torch.randn(size, size), torch.randn(size, size)
     best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        torch.nn.functional.linear(x, w)  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - started)
     torch.set_num_threads(previous)
     return 2 * size**3 / best / 1e9
 
@@ -182,7 +184,8 @@ def run_comparisons(args, params: dict[str, int], prompt_len: float) -> list[dic
         plans.append(("small", 2, True))
     rows = []
     for size, threads, bf16 in plans:
-        steps, warmup = (args.bf16_steps, 1) if bf16 else (args.steps[size], args.warmup)
+        # bf16 without bf16 matmul units (AVX2-only CPUs) takes minutes a step: no warm-up, few steps
+        steps, warmup = (args.bf16_steps, 0) if bf16 else (args.steps[size], args.warmup)
         print(f"-- {size}, {threads} thread(s), unipo {'bf16' if bf16 else 'fp32'}: {warmup}+{steps} steps each",
               flush=True)
         records, profiles = compare(size, threads, bf16, warmup, steps)
@@ -207,8 +210,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", default="tiny=12,small=6", help="measured steps per trainer, per size")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip unipo bf16 on the small model")
-    parser.add_argument("--bf16-steps", type=int, default=3)
-    parser.add_argument("--bf16-curve-steps", type=int, default=30, help="RL steps per run of the bf16 curve")
+    parser.add_argument("--bf16-steps", type=int, default=1)
+    parser.add_argument("--bf16-curve-steps", type=int, default=20, help="RL steps per run of the bf16 curve")
     parser.add_argument("--parity-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
@@ -229,10 +232,10 @@ def main() -> None:
     params = {size: sum(p.numel() for p in build_model(size)[0].parameters()) for size in args.sizes}
     prompt_len = statistics.mean(len(p.prompt) for p in training_problems(64))
     args.gemm = {t: matmul_rate(t) for t in {*args.threads, 2}}
-    gemm_bf16 = matmul_rate(2, torch.bfloat16, size=1024, repeats=2)  # 1024^3: a CPU without bf16 units is slow
+    gemm_bf16 = matmul_rate(2, bf16=True, size=1024, repeats=2)  # 1024^3: a CPU without bf16 units is slow
     print(f"fp32 GEMM GFLOP/s by threads: {args.gemm}; bf16 at 2 threads: {gemm_bf16:.1f}", flush=True)
     rows = run_comparisons(args, params, prompt_len)
-    effect = bf16_effect(args.bf16_curve_steps) if args.bf16_curve_steps else None
+    effect = bf16_effect(args.bf16_curve_steps, block=5) if args.bf16_curve_steps else None
     meta = {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "params": params, "prompt_len": prompt_len, "gemm_fp32": args.gemm, "gemm_bf16_2threads": gemm_bf16,
             "load": load_report(), "seconds": time.time() - started}
@@ -250,9 +253,9 @@ def render(rows: list[dict], parity: list[str], effect: dict | None, meta: dict)
              f"{meta['cpus']} CPUs, {meta['load']}).", "",
              f"Models: tiny {meta['params'].get('tiny', 0) / 1e6:.2f}M and small "
              f"{meta['params'].get('small', 0) / 1e6:.2f}M parameters, 46-token vocabulary (43 characters + 3 "
-             f"special). Measured GEMM rate (2048^3 fp32, best of 5): "
+             f"special). Measured GEMM rate (F.linear 2048^3 fp32, best of 5): "
              + ", ".join(f"{v:.0f} GFLOP/s at {t} thread(s)" for t, v in sorted(meta["gemm_fp32"].items()))
-             + f"; bf16 (1024^3): {meta['gemm_bf16_2threads']:.1f} GFLOP/s at 2 threads.", "",
+             + f"; under bf16 autocast (1024^3): {meta['gemm_bf16_2threads']:.1f} GFLOP/s at 2 threads.", "",
              "### Speed (median step, alternating single steps)", "", *comparison_table(rows), "",
              "### Where the time goes (one more step of each under torch.profiler, seconds and share)", "",
              *profile_table(rows), "",

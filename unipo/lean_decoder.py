@@ -234,7 +234,8 @@ def _plain_config(config) -> bool:
 
 
 def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
-    """Exactly nn.Linear / nn.Embedding / RMSNorm modules: no LoRA, quantised or patched layers, no hooks."""
+    """Exactly nn.Linear / nn.Embedding / RMSNorm modules: no LoRA, quantised or patched layers, no hooks, and
+    no gradient checkpointing (a memory choice the lean forward would silently drop)."""
     linears = [model.lm_head]
     for layer in body.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -245,7 +246,7 @@ def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
     modules = [model, body, body.embed_tokens, body.norm, *linears]
     return (all(type(m) is nn.Linear for m in linears) and type(body.embed_tokens) is nn.Embedding
             and type(body.norm).__name__.endswith("RMSNorm") and not any(_hooked(m) for m in modules)
-            and _unpatched_forward(model))
+            and _unpatched_forward(model) and not getattr(body, "gradient_checkpointing", False))
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -5,6 +5,9 @@ is prefilled once, its KV cache is repeated for the G completions of its group, 
 together one token per step. `policy_logprobs` is the single forward pass the trainer differentiates through;
 both compute log-probs the same way (log_softmax(logits / temperature)), so for an unchanged model the
 importance ratio of a fresh rollout is exactly 1 up to float rounding (tests pin this to 1e-5).
+
+Both run on `unipo.lean_decoder` when the model is a plain Llama/Qwen2-style decoder (the same maths without
+HF's per-call machinery, and each group's prompt run once in the training pass too), else on the HF forward.
 """
 
 from __future__ import annotations
@@ -224,10 +227,9 @@ def _lean_decoder(lean: LeanDecoder, prompt_ids: torch.Tensor, prompt_mask: torc
     cache = BufferCache(keys, values, prompt_len)
     attention = None
     if padded:  # [B, 1, 1, L]: the row's prompt tokens and every completion token so far
-        attention = torch.ones((batch, 1, 1, prompt_len + max_new_tokens), dtype=torch.bool, device=prompt_ids.device)
+        attention = prompt_mask.new_ones((batch, 1, 1, prompt_len + max_new_tokens), dtype=torch.bool)
         attention[:, 0, 0, :prompt_len] = prompt_mask.bool()
     first_position = prompt_mask.sum(dim=-1, keepdim=True)
-
 
     def step(token: torch.Tensor, steps: int) -> torch.Tensor:
         mask = None if attention is None else attention[..., :prompt_len + steps]
@@ -351,7 +353,8 @@ def policy_logprobs(
 
     Padding costs nothing: leading prompt columns that are padding in every row and trailing completion
     columns that are masked in every row are cut before the forward, and the last completion column is never
-    fed (it predicts nothing). Logits are computed only at the positions that predict completion tokens
+    fed (it predicts nothing). On the lean forward, consecutive rows with the same prompt (a group) run that
+    prompt once. Logits are computed only at the positions that predict completion tokens
     (`logits_to_keep`). Outputs are restored to the input's T, zero on masked positions. Entropy is
     -Σ_v p_v log p_v of the same tempered distribution.
     """
