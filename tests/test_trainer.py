@@ -67,13 +67,13 @@ RANDOM_MODEL_OVERRIDES = {"gtpo": {"selection_params": {"gtpo": {"entropy_thresh
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_every_recipe_trains_a_few_steps(recipe):
-    config = small_config(recipe, steps=2)
+    config = small_config(recipe, steps=3)
     config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe,
                                                                     **RANDOM_MODEL_OVERRIDES.get(recipe, {})))
     trainer = Trainer(config, progress=False)
     before = params_snapshot(trainer.model)
     history = trainer.fit()
-    assert len(history) == 2
+    assert len(history) == 3
     for record in history:
         assert math.isfinite(record["loss"]), record
         assert {"step", "reward_mean", "accuracy", "loss", "kl", "entropy", "clip_frac", "response_len_mean",
