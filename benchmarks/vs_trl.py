@@ -116,20 +116,25 @@ def summarise(records: list[dict], params: int, prompt_len: float) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+def _model_label(row: dict) -> str:
+    return f"{row['size']} (bf16 run)" if row["bf16"] else row["size"]
+
+
 def comparison_table(rows: list[dict]) -> list[str]:
     lines = ["| model | threads | trainer | step s | generation s | update s | completion tok/s | peak RSS MB | "
              "step GFLOP/s (% of GEMM) | gen GFLOP/s | update GFLOP/s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        model = _model_label(row)
         for name in ("trl", "unipo"):
             s = row[name]
             label = "TRL fp32" if name == "trl" else f"unipo {'bf16' if row['bf16'] else 'fp32'}"
             share = 100 * s["gflops"] / row["gemm_gflops"]
-            lines.append(f"| {row['size']} | {row['threads']} | {label} | {s['step']:.3f} | {s['generation']:.3f} | "
+            lines.append(f"| {model} | {row['threads']} | {label} | {s['step']:.3f} | {s['generation']:.3f} | "
                          f"{s['update']:.3f} | {s['tokens_per_s']:.0f} | {s['rss_mb']:.0f} | "
                          f"{s['gflops']:.1f} ({share:.0f}%) | {s['gen_gflops']:.1f} | {s['update_gflops']:.1f} |")
         ratio = {k: row["trl"][k] / row["unipo"][k] for k in ("step", "generation", "update")}
-        lines.append(f"| {row['size']} | {row['threads']} | **TRL / unipo** | **{ratio['step']:.2f}x** | "
+        lines.append(f"| {model} | {row['threads']} | **TRL / unipo** | **{ratio['step']:.2f}x** | "
                      f"{ratio['generation']:.2f}x | {ratio['update']:.2f}x | | "
                      f"{row['trl']['rss_mb'] / row['unipo']['rss_mb']:.2f}x | | | |")
     return lines
@@ -143,7 +148,7 @@ def profile_table(rows: list[dict]) -> list[str]:
         for name in ("trl", "unipo"):
             p = row["profile"][name]
             label = "TRL fp32" if name == "trl" else f"unipo {'bf16' if row['bf16'] else 'fp32'}"
-            lines.append(f"| {row['size']} | {row['threads']} | {label} | {p['wall']:.3f} | "
+            lines.append(f"| {_model_label(row)} | {row['threads']} | {label} | {p['wall']:.3f} | "
                          + " | ".join(f"{p[k]:.3f} ({100 * p[k] / p['wall']:.0f}%)" for k in kinds) + " |")
     return lines
 
@@ -160,6 +165,56 @@ def bf16_table(effect: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in effect["curves"][name]) + " |")
     lines.append(f"\nbf16 step: {effect['seconds']['bf16']:.2f} s vs fp32 {effect['seconds']['fp32']:.2f} s "
                  f"(median, tiny model, {effect['threads']} thread(s)).")
+    return lines
+
+
+def token_forwards(prompt_len: float) -> dict[str, dict[str, float]]:
+    """Tokens each trainer pushes through the model per step (the GEMM work is 2N per token forward, 6N per
+    token in the update). unipo: each prompt once per group, and the last completion token is never fed."""
+    rows, decode = NUM_PROMPTS * GROUP_SIZE, NUM_PROMPTS * GROUP_SIZE * (NEW_TOKENS - 1)
+    shared = NUM_PROMPTS * prompt_len + decode
+    return {"unipo": {"generation": shared, "update": shared},
+            "trl": {"generation": rows * prompt_len + decode, "update": rows * (prompt_len + NEW_TOKENS)}}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":")[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def notes(rows: list[dict], meta: dict) -> list[str]:
+    """What bounds each figure, from this run's numbers and profiles."""
+    work = token_forwards(meta["prompt_len"])
+    flops = {k: 2 * w["generation"] + 6 * w["update"] for k, w in work.items()}
+    lines = [f"- Work per step (token forwards, generation + update): unipo {work['unipo']['generation']:.0f} + "
+             f"{work['unipo']['update']:.0f}, TRL {work['trl']['generation']:.0f} + {work['trl']['update']:.0f} "
+             f"(TRL prefills all 64 rows and trains on every row's prompt). At equal GEMM efficiency that alone "
+             f"makes TRL/unipo = {flops['trl'] / flops['unipo']:.2f}x; more needs unipo to run its GEMMs more "
+             f"efficiently than TRL runs its own."]
+    for row in rows:
+        if row["bf16"]:
+            continue
+        trl, ours, prof = row["trl"], row["unipo"], row["profile"]
+        floor = prof["unipo"]["gemm"] + prof["unipo"]["attention"]
+        lines.append(f"- {row['size']}, {row['threads']} thread(s): TRL {trl['step']:.3f} s, unipo "
+                     f"{ours['step']:.3f} s ({trl['step'] / ours['step']:.2f}x). unipo's own GEMM + attention time "
+                     f"(profile) is {floor:.3f} s, so even a step with zero overhead would be "
+                     f"{trl['step'] / floor:.2f}x; the rest of its step is elementwise ops "
+                     f"({prof['unipo']['other ops']:.3f} s) and Python/dispatch "
+                     f"({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
+    flags = _cpu_flags()
+    units = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}) or ["none (AVX2 only)"]
+    lines.append(f"- bf16: this CPU's bf16 matmul instructions: {', '.join(units)}. F.linear under bf16 autocast "
+                 f"runs at {meta['gemm_bf16_2threads']:.1f} GFLOP/s against {meta['gemm_fp32'].get(2, 0):.0f} in "
+                 f"fp32 at 2 threads, and the profile of the bf16 step is almost all GEMM: bf16 is slower here, "
+                 f"which is why the option is off by default. Its speed-up needs bf16 matmul units (AMX, "
+                 f"AVX512-BF16 or a GPU).")
+    lines.append("- 2 threads need both cores: with one core busy (another process), every OpenMP region waits "
+                 "for a descheduled thread and a step of either trainer gets 10-80x slower; these numbers were "
+                 "taken on an idle machine (load average in the command line above).")
     return lines
 
 
@@ -197,9 +252,11 @@ def run_comparisons(args, params: dict[str, int], prompt_len: float) -> list[dic
     return rows
 
 
-def load_report() -> str:
-    load = os.getloadavg()
-    return f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end of the run"
+def load_report(start: tuple[float, float, float]) -> str:
+    def show(load):
+        return " / ".join(f"{x:.2f}" for x in load)
+    return (f"load average (1/5/15 min) {show(start)} at the start, {show(os.getloadavg())} at the end, "
+            f"this run's own load included")
 
 
 def parse_args() -> argparse.Namespace:
@@ -211,9 +268,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip unipo bf16 on the small model")
     parser.add_argument("--bf16-steps", type=int, default=1)
-    parser.add_argument("--bf16-curve-steps", type=int, default=20, help="RL steps per run of the bf16 curve")
+    parser.add_argument("--bf16-curve-steps", type=int, default=30, help="RL steps per run of the bf16 curve")
     parser.add_argument("--parity-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"rewrite the RESULTS.md section from {OUT.name} (parity is rerun: it takes seconds)")
     args = parser.parse_args()
     args.sizes = args.sizes.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -223,11 +282,17 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()
     model, tokenizer = build_model("tiny")
     parity = parity_table(run_parity(model, tokenizer))
     print("\n".join(parity), flush=True)
     if args.parity_only:
+        return
+    if args.render_only:
+        saved = json.loads(OUT.read_text())
+        saved["meta"]["gemm_fp32"] = {int(t): v for t, v in saved["meta"]["gemm_fp32"].items()}
+        write_section(render(saved["rows"], parity, saved["bf16_effect"], saved["meta"]))
+        print(f"wrote {RESULTS} from {OUT}")
         return
     params = {size: sum(p.numel() for p in build_model(size)[0].parameters()) for size in args.sizes}
     prompt_len = statistics.mean(len(p.prompt) for p in training_problems(64))
@@ -238,7 +303,7 @@ def main() -> None:
     effect = bf16_effect(args.bf16_curve_steps, block=5) if args.bf16_curve_steps else None
     meta = {"torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
             "params": params, "prompt_len": prompt_len, "gemm_fp32": args.gemm, "gemm_bf16_2threads": gemm_bf16,
-            "load": load_report(), "seconds": time.time() - started}
+            "load": load_report(load_start), "seconds": time.time() - started}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"meta": meta, "rows": rows, "bf16_effect": effect}, indent=2) + "\n")
     markdown = render(rows, parity, effect, meta)
@@ -262,7 +327,7 @@ def render(rows: list[dict], parity: list[str], effect: dict | None, meta: dict)
              "### Loss parity (shared batch, fp32, tolerance 1e-5 relative)", "", *parity]
     if effect:
         lines += ["", "### bf16 autocast (off by default): effect on the loss and on learning", "", *bf16_table(effect)]
-    return lines
+    return lines + ["", "### What bounds these figures", "", *notes(rows, meta)]
 
 
 if __name__ == "__main__":

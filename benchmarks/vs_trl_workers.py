@@ -224,7 +224,8 @@ def serve_trl(conn: Connection, size: str, threads: int, max_steps: int = 10_000
 
 
 # ------------------------------------------------------------------------------------------- bf16 effect
-CURVE_TASK, CURVE_SFT_STEPS, CURVE_PROMPTS, CURVE_GROUP, CURVE_LR = "sort:k=3", 25, 16, 8, 1e-3
+# 50 SFT steps take the tiny model to ~30% on sort:k=3: room to improve, and rewards that are not all 0 or 1
+CURVE_TASK, CURVE_SFT_STEPS, CURVE_PROMPTS, CURVE_GROUP, CURVE_LR = "sort:k=3", 50, 16, 8, 3e-4
 
 
 def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -232,7 +233,7 @@ def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _warm_started_tiny_model():
-    """The demo's start: the tiny model after a brief fp32 SFT on the curve task (so rewards are not all 0)."""
+    """The tiny model after a brief fp32 SFT on the curve task (the demo's recipe, twice as long)."""
     from unipo.config import OptimConfig, RolloutConfig, TrainConfig
     from unipo.models import build_tiny_model
     from unipo.recipes import get_recipe

@@ -44,10 +44,14 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 = exp(−k1) + k1 − 1 with k1 = log π − log π_ref (per token; Schulman's estimator).
 
     Written as expm1(−k1) + k1: for the small k1 of a policy near its reference, exp(−k1) − 1
-    computed directly loses most of its digits to cancellation.
+    computed directly loses most of its digits to cancellation. Below |k1| = 1e-3 even that
+    sum cancels (expm1's rounding is relative to k1, the result is ~k1²/2), so there the
+    series k1²/2 − k1³/6 + k1⁴/24 is used (truncation error below k1⁵/120).
     """
-    neg_k1 = ref_logp - logp
-    return torch.expm1(neg_k1) - neg_k1
+    k1 = logp - ref_logp
+    exact = torch.expm1(-k1) + k1
+    series = k1 * k1 * (0.5 - k1 / 6 + k1 * k1 / 24)
+    return torch.where(k1.abs() < 1e-3, series, exact)
 
 
 def kl_estimate(
