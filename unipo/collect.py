@@ -17,7 +17,7 @@ from unipo.config import Recipe, RolloutConfig
 from unipo.core.hybrid import ghpo_needs_hint
 from unipo.core.selection import informative_groups, overlong_reward_penalty
 from unipo.models import format_prompt
-from unipo.rollout import generate
+from unipo.rollout import generate, pad_sequences
 from unipo.tasks.base import Problem, Task, extract_answer, score_completions
 
 
@@ -86,19 +86,6 @@ def _pad(t: torch.Tensor, width: int, *, left: bool, value: int = 0) -> torch.Te
     if extra == 0:
         return t
     return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
-
-
-def pad_sequences(seqs: list[list[int]], pad_id: int, *, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, mask), padded to the longest on the given side."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            span = slice(width - len(seq), width) if left else slice(0, len(seq))
-            ids[row, span] = torch.tensor(seq, dtype=torch.long)
-            mask[row, span] = 1
-    return ids.to(device), mask.to(device)
 
 
 class RolloutCollector:

@@ -54,17 +54,24 @@ class PolicyOutput:
     hidden: torch.Tensor | None = None
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into `ids` [N, P] (long) and `mask` [N, P] (long, 1 on real tokens)."""
+def pad_sequences(sequences: list[list[int]], pad_token_id: int, *, left: bool,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> `ids` [N, L] (long) and `mask` [N, L] (long, 1 on real tokens), padded on one side."""
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, span] = 1
     return ids.to(device), mask.to(device)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `ids` [N, P] and `mask` [N, P] (prompts, for generation)."""
+    return pad_sequences(sequences, pad_token_id, left=True, device=device)
 
 
 def _model_device(model: nn.Module) -> torch.device:

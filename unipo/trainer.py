@@ -192,9 +192,10 @@ class Trainer:
             "strata": torch.div(lengths, 4, rounding_mode="floor"),
             "step": self.step,
             "total_steps": self.config.steps,
-            "baseline": self.tracker.baseline(batch.prompts, self.device),
             **behaviour,
         }
+        if "baseline" in _accepted(ADVANTAGE_ESTIMATORS.get(self.recipe.advantage)):
+            available["baseline"] = self.tracker.baseline(batch.prompts, self.device)  # SPO's tracker
         if "logp" in behaviour:
             available["expert_logp"] = _expert_row_values(behaviour["logp"], batch)
         return available
