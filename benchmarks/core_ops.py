@@ -82,7 +82,8 @@ def bench_losses(repeats: int) -> list[dict[str, object]]:
     fwd, fwd_bwd = _time(lambda: compute_policy_loss(
         "dhpo", x["logp"], x["old_logp"], x["advantages"], x["mask"], mixing="entropy", entropy=x["entropy"])[0],
         x["logp"], repeats)
-    rows.append({"group": "policy_loss", "name": "dhpo (entropy mixing)", "forward_ms": fwd, "forward_backward_ms": fwd_bwd})
+    rows.append({"group": "policy_loss", "name": "dhpo (entropy mixing)", "forward_ms": fwd,
+                 "forward_backward_ms": fwd_bwd})
     return rows
 
 

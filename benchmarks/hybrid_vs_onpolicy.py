@@ -540,7 +540,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[StudyConfig, argparse.Nam
     if args.recipes:
         changes["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     for flag, key in (("steps", "steps"), ("out", "out"), ("lr", "lr"), ("task", "task"),
-                      ("warm_steps", "warm_steps"), ("warm_target", "warm_target_pass8"), ("eval_problems", "eval_problems"), ("workers", "workers"),
+                      ("warm_steps", "warm_steps"), ("warm_target", "warm_target_pass8"),
+                      ("eval_problems", "eval_problems"), ("workers", "workers"),
                       ("prompts_per_step", "prompts_per_step"), ("group_size", "group_size")):
         if getattr(args, flag) is not None:
             changes[key] = getattr(args, flag)

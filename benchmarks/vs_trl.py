@@ -37,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules b
 
 from trl_parity import parity_table, run_parity  # noqa: E402
 from vs_trl_workers import (  # noqa: E402
-    GROUP_SIZE, NEW_TOKENS, NUM_PROMPTS, build_model, bf16_effect, serve_trl, serve_unipo, training_problems,
+    GROUP_SIZE,
+    NEW_TOKENS,
+    NUM_PROMPTS,
+    bf16_effect,
+    build_model,
+    serve_trl,
+    serve_unipo,
+    training_problems,
 )
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -83,8 +90,9 @@ class Worker:
 
 
 def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int):
-    """Per-step records of unipo (bf16 autocast if asked) and TRL (fp32), alternating single steps, and one more
-    step of each under the torch profiler (its time by kind of operator)."""
+    """Per-step records of unipo (bf16 autocast if asked) and TRL (fp32), alternating single steps; one more
+    step of each under the torch profiler (its time by kind of operator); and, in fp32, the floor of unipo's
+    step (`vs_trl_workers.step_floor`)."""
     workers = {"unipo": Worker(serve_unipo, size, threads, bf16), "trl": Worker(serve_trl, size, threads)}
     try:
         for _ in range(warmup):  # first steps: allocations, kernel selection, lazy imports
@@ -96,6 +104,8 @@ def compare(size: str, threads: int, bf16: bool, warmup: int, steps: int):
             for name in order:
                 records[name].append(workers[name].step())
         profiles = {name: worker.step("profile") for name, worker in workers.items()}
+        if not bf16:  # the bound for fp32 work; bf16 GEMMs here are emulated and would take minutes to time
+            profiles["unipo_floor"] = workers["unipo"].step("floor")
     finally:
         for worker in workers.values():
             worker.stop()
@@ -197,13 +207,14 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
     for row in rows:
         if row["bf16"]:
             continue
-        trl, ours, prof = row["trl"], row["unipo"], row["profile"]
-        floor = prof["unipo"]["gemm"] + prof["unipo"]["attention"]
+        trl, ours, prof, floor = row["trl"], row["unipo"], row["profile"], row["profile"]["unipo_floor"]
         lines.append(f"- {row['size']}, {row['threads']} thread(s): TRL {trl['step']:.3f} s, unipo "
-                     f"{ours['step']:.3f} s ({trl['step'] / ours['step']:.2f}x). unipo's own GEMM + attention time "
-                     f"(profile) is {floor:.3f} s, so even a step with zero overhead would be "
-                     f"{trl['step'] / floor:.2f}x; the rest of its step is elementwise ops "
-                     f"({prof['unipo']['other ops']:.3f} s) and Python/dispatch "
+                     f"{ours['step']:.3f} s ({trl['step'] / ours['step']:.2f}x). The floor of unipo's step is "
+                     f"{floor['floor']:.3f} s: its {floor['gemm_gflop']:.2f} GFLOP of GEMMs timed shape by shape in "
+                     f"isolation ({floor['gemm_isolated']:.3f} s; {floor['gemm_in_situ']:.3f} s in the step) plus "
+                     f"its attention ({floor['attention']:.3f} s), everything else taken as free. No step doing "
+                     f"this work can beat TRL by more than {trl['step'] / floor['floor']:.2f}x here. Above the "
+                     f"floor: elementwise ops ({prof['unipo']['other ops']:.3f} s) and Python/dispatch "
                      f"({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
     flags = _cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}) or ["none (AVX2 only)"]

@@ -85,10 +85,50 @@ def op_breakdown(profiler, wall: float) -> dict[str, float]:
     return {**totals, "wall": wall}
 
 
-def _profiler():
+def _profiler(record_shapes: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
-    return profile(activities=[ProfilerActivity.CPU])
+    return profile(activities=[ProfilerActivity.CPU], record_shapes=record_shapes)
+
+
+def _gemm_shape(op: str, shapes: list) -> tuple[int, int, int]:
+    """(M, K, N) of an aten::mm / aten::addmm call from its recorded input shapes."""
+    (m, k), (_, n) = (shapes[0], shapes[1]) if op == "aten::mm" else (shapes[1], shapes[2])
+    return m, k, n
+
+
+def _isolated_seconds(m: int, k: int, n: int, repeats: int = 30) -> float:
+    """Best-case time of one [m, k] x [k, n] fp32 matmul: mean over `repeats` back-to-back calls on the same
+    (cache-hot) operands, at the current thread count."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return (time.perf_counter() - started) / repeats
+
+
+def step_floor(step) -> dict[str, float]:
+    """A lower bound on the time of `step()` at these maths: run it once under the profiler recording shapes,
+    then time every GEMM shape it ran in isolation (cache-hot, the fastest it can go here) times its count, and
+    add the step's own attention time. Everything else (elementwise ops, sampling, the optimizer, Python) is
+    taken as free, so no implementation of the same work can be faster than this on this machine."""
+    with _profiler(record_shapes=True) as profiler:
+        step()
+    counts: dict[tuple[int, int, int], int] = {}
+    in_situ = attention = 0.0
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.key in ("aten::mm", "aten::addmm"):
+            shape = _gemm_shape(event.key, event.input_shapes)
+            counts[shape] = counts.get(shape, 0) + event.count
+            in_situ += event.self_cpu_time_total / 1e6
+        elif "scaled_dot_product" in event.key:
+            attention += event.self_cpu_time_total / 1e6
+    isolated = sum(count * _isolated_seconds(*shape) for shape, count in counts.items())
+    gflop = sum(2 * m * k * n * count for (m, k, n), count in counts.items()) / 1e9
+    return {"gemm_isolated": isolated, "gemm_in_situ": in_situ, "attention": attention, "gemm_gflop": gflop,
+            "floor": isolated + attention}
 
 
 # ------------------------------------------------------------------------------------------------ unipo
@@ -115,7 +155,10 @@ def _quiet(threads: int) -> None:
 def serve_unipo(conn: Connection, size: str, threads: int, bf16: bool) -> None:
     _quiet(threads)
     trainer = unipo_trainer(size, bf16=bf16)
-    while (command := conn.recv()) in ("step", "profile"):
+    while (command := conn.recv()) in ("step", "profile", "floor"):
+        if command == "floor":
+            conn.send(step_floor(trainer.train_step))
+            continue
         if command == "profile":
             with _profiler() as profiler:
                 started = time.perf_counter()
@@ -160,6 +203,7 @@ def trl_trainer(size: str, output_dir: str, max_steps: int, callbacks=(), **over
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOTrainer
+
     from unipo.tasks.base import get_task
 
     model, tokenizer = build_model(size)

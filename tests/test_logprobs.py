@@ -25,7 +25,8 @@ def test_hand_computed():
     # logits [0, log 3] → softmax [¼, ¾]: log p(id=1) = log ¾ = −0.2876821;
     # H = −(¼ log ¼ + ¾ log ¾) = 0.3465736 + 0.2157616 = 0.5623351
     logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=F64)
-    torch.testing.assert_close(selective_log_softmax(logits, torch.tensor([[1]])), torch.tensor([[-0.2876821]], dtype=F64),
+    torch.testing.assert_close(selective_log_softmax(logits, torch.tensor([[1]])),
+                               torch.tensor([[-0.2876821]], dtype=F64),
                                atol=1e-7, rtol=0)
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[0.5623351]], dtype=F64), atol=1e-7, rtol=0)
 

@@ -294,7 +294,8 @@ NEW = [math.log(0.3), math.log(0.2)]  # ρ = 0.3/0.2 = 1.5, 0.2/0.4 = 0.5
 
 def _one_sequence(new=NEW, old=OLD, advantage=1.0):
     logp = torch.tensor([new], dtype=F64, requires_grad=True)
-    return logp, torch.tensor([old], dtype=F64), torch.tensor([advantage], dtype=F64), torch.ones(1, 2, dtype=torch.bool)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    return logp, torch.tensor([old], dtype=F64), torch.tensor([advantage], dtype=F64), mask
 
 
 S = math.sqrt(0.75)  # GSPO: s = exp(mean(log 1.5, log 0.5)) = sqrt(1.5 * 0.5) = 0.8660254

@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+import tests.test_trainer  # noqa: F401  (registers the "coin" test task)
 from unipo.config import OptimConfig, RolloutConfig, TrainConfig
 from unipo.recipes import RECIPES, get_recipe
 from unipo.tasks.base import TASKS, Problem, Task
 from unipo.trainer import Trainer
-
-import tests.test_trainer  # noqa: F401  (registers the "coin" test task)
 
 
 class HardOrEasyTask(Task):

@@ -425,7 +425,8 @@ def test_jsonl_reports_every_malformed_line(tmp_path: Path) -> None:
         get_task(f"jsonl:{path}")
     message = str(error.value)
     assert "5 malformed line(s)" in message
-    for line, reason in [(2, "bad JSON"), (3, "missing key"), (4, "'answer' must be a string"), (6, "expected a JSON object")]:
+    for line, reason in [(2, "bad JSON"), (3, "missing key"), (4, "'answer' must be a string"),
+                         (6, "expected a JSON object")]:
         assert f"{path}:{line}: {reason}" in message
     assert f"{path}:7: 'demonstration' must be a string" in message
     for fine in (1, 5, 8):
@@ -436,7 +437,8 @@ def test_jsonl_math_verify_and_exact_match(jsonl_path: Path) -> None:
     task = get_task(str(jsonl_path))
     assert task.name == f"jsonl:{jsonl_path}"
     half = Problem("half?", "\\frac{1}{2}", "\\frac{1}{2}")
-    assert [task.score(half, c) for c in ["0.5", "1/2", "\\frac{2}{4}", "<answer>0.5</answer>", "\\boxed{0.5}"]] == [1.0] * 5
+    answers = ["0.5", "1/2", "\\frac{2}{4}", "<answer>0.5</answer>", "\\boxed{0.5}"]
+    assert [task.score(half, c) for c in answers] == [1.0] * 5
     assert [task.score(half, c) for c in ["0.6", "2", "", "half", "1/2 or 0.6 x"]] == [0.0] * 5
     power = Problem("2^10?", "2^{10}", "1024")
     assert task.score(power, "1024") == 1.0 and task.score(power, "1023") == 0.0

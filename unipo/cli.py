@@ -80,9 +80,11 @@ def run_training(config, resume: bool) -> None:
 def train(
     ctx: typer.Context,
     recipe: str = typer.Option("grpo", help="Recipe name (see `unipo recipes`)."),
-    task: str = typer.Option("addition", help="Task: addition, countdown, sort, multiplication, rg:<name>, jsonl:<path>."),
+    task: str = typer.Option("addition",
+                             help="Task: addition, countdown, sort, multiplication, rg:<name>, jsonl:<path>."),
     model: str = typer.Option("tiny", help="'tiny' (embedded, built locally), a local path or a hub id."),
-    steps: Optional[int] = typer.Option(None, help="Training steps, one rollout batch each (default 50; with --resume, the total to reach)."),
+    steps: Optional[int] = typer.Option(
+        None, help="Training steps, one rollout batch each (default 50; with --resume, the total to reach)."),
     out: Optional[str] = typer.Option(None, help="Run folder (default runs/<recipe>-<task>-<time>)."),
     seed: int = typer.Option(0, help="Seed for sampling, tasks and initialisation."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),

@@ -28,8 +28,8 @@ from unipo.config import TrainConfig
 from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, gae_returns
 from unipo.core.kl import kl_estimate
 from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss, value_loss
-from unipo.critics import PromptValueTracker, ValueHead
 from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.critics import PromptValueTracker, ValueHead
 from unipo.mixing import MIXERS
 from unipo.models import load_model, pick_device
 from unipo.rollout import policy_logprobs
@@ -46,6 +46,39 @@ def _batch_inputs(fn: Callable, available: dict[str, Any]) -> dict[str, Any]:
     """The batch tensors `fn` asks for by name (and only those)."""
     wanted = _accepted(fn)
     return {k: v for k, v in available.items() if k in wanted}
+
+
+@dataclass(frozen=True)
+class _LossPlan:
+    """What every micro-batch and epoch of one update shares: per-token weights [B, T] of the RL and SFT
+    losses (0 = not trained on), their masks, and the full-batch normalisers that make micro-batched
+    gradients sum to the full batch's."""
+
+    mask: torch.Tensor
+    rl_tokens: torch.Tensor
+    sft_tokens: torch.Tensor
+    rl_mask: torch.Tensor
+    sft_mask: torch.Tensor
+    rl_den: torch.Tensor
+    sft_den: torch.Tensor
+    value_den: torch.Tensor
+    has_rl: bool
+    has_sft: bool
+    ref_logp: torch.Tensor | None
+
+
+# Metrics logged under their own name; every other one a loss function reports goes under "actor/".
+_PLAIN_METRICS = ("loss", "kl", "entropy", "sft_loss", "grad_norm", "value_loss", "clip_frac")
+
+
+def _update_metrics(totals: dict[str, torch.Tensor], epochs: int, token_frac: torch.Tensor) -> dict[str, Any]:
+    """Per-epoch means of the accumulated update metrics (the gradient norm: the last epoch's)."""
+    named = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v if k == "grad_norm" else v / epochs
+             for k, v in totals.items()}
+    named.setdefault("kl", 0.0)
+    named.setdefault("clip_frac", 0.0)
+    named["select/token_frac"] = token_frac
+    return named
 
 
 @dataclass
@@ -256,98 +289,104 @@ class Trainer:
                                temperature=self.config.rollout.temperature, need_entropy=need_entropy,
                                return_hidden=need_hidden)
 
-    def _update(self, batch, advantages, selection, rl_weight, sft_weight, behaviour):
-        r, o = self.recipe, self.config.optim
+    def _loss_plan(self, batch: RolloutBatch, selection, rl_weight, sft_weight) -> _LossPlan:
+        r = self.recipe
         mask = batch.completion_mask.float()
-        rl_tokens = selection * rl_weight[:, None]  # (B, T) weight of each token in the RL loss
+        rl_tokens = selection * rl_weight[:, None]
         sft_tokens = mask * sft_weight[:, None]
         rl_mask, sft_mask = mask * (rl_tokens > 0), mask * (sft_tokens > 0)
-        max_len = self.max_new_tokens
-        rl_den = aggregation_denominator(rl_mask, r.aggregation, max_len=max_len)
-        sft_den = aggregation_denominator(sft_mask, "token_mean")
-        value_den = aggregation_denominator(mask, "token_mean")
         has_rl, has_sft = bool(rl_mask.any()), bool(sft_mask.any())
-        if not (has_rl or has_sft or self.value_head is not None):
+        learns = has_rl or has_sft or self.value_head is not None
+        return _LossPlan(
+            mask=mask, rl_tokens=rl_tokens, sft_tokens=sft_tokens, rl_mask=rl_mask, sft_mask=sft_mask,
+            rl_den=aggregation_denominator(rl_mask, r.aggregation, max_len=self.max_new_tokens),
+            sft_den=aggregation_denominator(sft_mask, "token_mean"),
+            value_den=aggregation_denominator(mask, "token_mean"),
+            has_rl=has_rl, has_sft=has_sft,
+            ref_logp=self._reference_logp(batch) if self.reference is not None and learns else None)
+
+    def _micro_batch_loss(self, batch: RolloutBatch, rows: slice, plan: _LossPlan, advantages: torch.Tensor,
+                          behaviour: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of rows `rows`, already divided by the full batch's normalisers (so summing the
+        micro-batches' gradients gives the full batch's), and its detached metrics."""
+        r, max_len = self.recipe, self.max_new_tokens
+        with self.autocast():
+            out = self._forward(self.model, batch, rows, need_entropy=True,  # entropy is logged every step
+                                need_hidden=self.value_head is not None)
+        logp = out.logp.float()
+        old = behaviour["logp"][rows] if "logp" in behaviour else logp.detach()  # one epoch: the ratio is 1
+        rl_mask, mask = plan.rl_mask[rows], plan.mask[rows]
+        loss = logp.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
+        if plan.has_rl:
+            want = _accepted(POLICY_LOSSES.get(r.loss))
+            extra = {k: v for k, v in {"off_policy": batch.off_policy[rows], "entropy": out.entropy.detach(),
+                                       "ref_logp": None if plan.ref_logp is None else plan.ref_logp[rows]}.items()
+                     if k in want and v is not None}
+            rl_loss, metrics = compute_policy_loss(
+                r.loss, logp, old, advantages[rows], rl_mask, r.aggregation, weights=plan.rl_tokens[rows],
+                denominator=plan.rl_den, max_len=max_len, **{**r.loss_params, **extra})
+            loss = loss + rl_loss
+        if plan.has_sft:
+            sft_weights = plan.sft_tokens[rows] * self._sft_token_weights(logp)
+            sft_loss, _ = compute_policy_loss("sft", logp, old, torch.ones_like(logp[:, 0]), plan.sft_mask[rows],
+                                              "token_mean", weights=sft_weights, denominator=plan.sft_den)
+            loss = loss + sft_loss
+            metrics["sft_loss"] = sft_loss.detach()
+        if plan.ref_logp is not None and r.kl_coef:
+            kl = aggregate(kl_estimate(logp, plan.ref_logp[rows], r.kl_estimator), rl_mask, r.aggregation,
+                           denominator=plan.rl_den, max_len=max_len)
+            loss = loss + r.kl_coef * kl
+            metrics["kl"] = kl.detach()
+        if r.entropy_coef:
+            loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask, r.aggregation,
+                                                     denominator=plan.rl_den, max_len=max_len)
+        if self.value_head is not None:
+            old_values = behaviour["values"][rows]
+            returns = gae_returns(advantages[rows], old_values)
+            v_loss, v_metrics = value_loss(self.value_head(out.hidden), old_values, returns, mask)
+            v_loss = aggregate(v_loss, mask, "token_mean", denominator=plan.value_den)
+            loss = loss + r.value_coef * v_loss
+            metrics.update({"value_loss": v_loss.detach(), **v_metrics})
+        on_policy_tokens = mask * (~batch.off_policy[rows])[:, None]
+        metrics["entropy"] = (out.entropy.detach() * on_policy_tokens).sum() / on_policy_tokens.sum().clamp(min=1)
+        return loss, metrics
+
+    def _update(self, batch, advantages, selection, rl_weight, sft_weight, behaviour):
+        """K epochs over the batch in micro-batches, one optimizer step per epoch; returns (metrics, finite)."""
+        r, o = self.recipe, self.config.optim
+        plan = self._loss_plan(batch, selection, rl_weight, sft_weight)
+        token_frac = plan.rl_mask.sum() / plan.mask.sum().clamp(min=1)
+        if not (plan.has_rl or plan.has_sft or self.value_head is not None):
             # Selection or gating left no token to learn from: no update, and say so.
             self.scheduler.step()
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0}, True
-        loss_fn = POLICY_LOSSES.get(r.loss)
-        want = _accepted(loss_fn)
-        need_entropy = True  # logged every step; cheap next to the forward pass
-        ref_logp = self._reference_logp(batch) if self.reference is not None else None
-
         totals: dict[str, torch.Tensor] = {}
         finite = True
         for _ in range(r.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for start in range(0, len(batch), o.micro_batch_size):
                 rows = slice(start, start + o.micro_batch_size)
-                with self.autocast():
-                    out = self._forward(self.model, batch, rows, need_entropy=need_entropy,
-                                        need_hidden=self.value_head is not None)
-                logp = out.logp.float()
-                old = behaviour["logp"][rows] if "logp" in behaviour else logp.detach()
-                loss = logp.new_zeros(())
-                metrics: dict[str, torch.Tensor] = {}
-                if has_rl:
-                    extra = {k: v[rows] for k, v in
-                             {"off_policy": batch.off_policy, "ref_logp": ref_logp,
-                              "entropy": None if out.entropy is None else out.entropy.detach()}.items()
-                             if k in want and v is not None}
-                    rl_loss, metrics = compute_policy_loss(
-                        r.loss, logp, old, advantages[rows], rl_mask[rows], r.aggregation,
-                        weights=rl_tokens[rows], denominator=rl_den, max_len=max_len,
-                        **{**r.loss_params, **extra})
-                    loss = loss + rl_loss
-                if has_sft:
-                    sft_w = sft_tokens[rows] * self._sft_token_weights(logp)
-                    sft_loss, _ = compute_policy_loss("sft", logp, old, torch.ones_like(logp[:, 0]),
-                                                      sft_mask[rows], "token_mean", weights=sft_w,
-                                                      denominator=sft_den)
-                    loss = loss + sft_loss
-                    metrics["sft_loss"] = sft_loss.detach()
-                if ref_logp is not None and r.kl_coef:
-                    kl = aggregate(kl_estimate(logp, ref_logp[rows], r.kl_estimator), rl_mask[rows],
-                                   r.aggregation, denominator=rl_den, max_len=max_len)
-                    loss = loss + r.kl_coef * kl
-                    metrics["kl"] = kl.detach()
-                if r.entropy_coef and out.entropy is not None:
-                    loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask[rows], r.aggregation,
-                                                             denominator=rl_den, max_len=max_len)
-                if self.value_head is not None:
-                    old_values = behaviour["values"][rows]
-                    returns = gae_returns(advantages[rows], old_values)
-                    v_loss, v_metrics = value_loss(self.value_head(out.hidden), old_values, returns, mask[rows])
-                    v_loss = aggregate(v_loss, mask[rows], "token_mean", denominator=value_den)
-                    loss = loss + r.value_coef * v_loss
-                    metrics.update({"value_loss": v_loss.detach(), **v_metrics})
-                if out.entropy is not None:
-                    ent_mask = mask[rows] * (~batch.off_policy[rows])[:, None]
-                    metrics["entropy"] = (out.entropy.detach() * ent_mask).sum() / ent_mask.sum().clamp(min=1)
+                loss, metrics = self._micro_batch_loss(batch, rows, plan, advantages, behaviour)
                 loss.backward()
+                totals["loss"] = totals.get("loss", 0.0) + loss.detach()  # already full-batch normalised
                 share = (min(start + o.micro_batch_size, len(batch)) - start) / len(batch)
-                metrics["loss"] = loss.detach()
                 for k, v in metrics.items():
-                    if k == "loss":  # the pieces already carry the full-batch normaliser
-                        totals[k] = totals.get(k, 0.0) + v.detach()
-                    else:
-                        totals[k] = totals.get(k, 0.0) + share * v.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable_modules_parameters()), o.grad_clip)
-            if torch.isfinite(grad_norm) and torch.isfinite(totals["loss"]):
-                self.optimizer.step()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = False
-            totals["grad_norm"] = grad_norm
+                    totals[k] = totals.get(k, 0.0) + share * v.detach()
+            totals["grad_norm"], stepped = self._optimizer_step(totals["loss"])
+            finite = finite and stepped
         self.scheduler.step()
-        renamed = {"clip_frac": "clip_frac", "approx_kl": "actor/approx_kl"}
-        out_metrics = {renamed.get(k, k if k in ("loss", "kl", "entropy", "sft_loss", "grad_norm", "value_loss")
-                                   else f"actor/{k}"): v / (r.epochs if k != "grad_norm" else 1)
-                       for k, v in totals.items()}
-        out_metrics.setdefault("kl", 0.0)
-        out_metrics.setdefault("clip_frac", 0.0)
-        out_metrics["select/token_frac"] = (rl_mask.sum() / mask.sum().clamp(min=1))
-        return out_metrics, finite
+        return _update_metrics(totals, r.epochs, token_frac), finite
+
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip and step, unless the loss or the gradient is not finite (then drop the gradient)."""
+        parameters = list(self.trainable_modules_parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.optim.grad_clip)
+        if torch.isfinite(grad_norm) and torch.isfinite(loss):
+            self.optimizer.step()
+            return grad_norm, True
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, False
 
     def _sft_token_weights(self, logp: torch.Tensor) -> torch.Tensor | float:
         """CHORD-phi (arXiv 2508.11408): weight SFT tokens by p(1-p) when the mixer asks."""
