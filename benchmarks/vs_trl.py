@@ -275,7 +275,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", default="tiny,small", help="comma-separated model sizes")
     parser.add_argument("--threads", default="2,1", help="thread counts (1 thread is run for the tiny model)")
     parser.add_argument("--all-threads", action="store_true", help="also run every size at every thread count")
-    parser.add_argument("--steps", default="tiny=12,small=6", help="measured steps per trainer, per size")
+    parser.add_argument("--steps", default="tiny=20,small=10", help="measured steps per trainer, per size")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip unipo bf16 on the small model")
     parser.add_argument("--bf16-steps", type=int, default=1)
