@@ -213,7 +213,11 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
                      f"{floor['floor']:.3f} s: its {floor['gemm_gflop']:.2f} GFLOP of GEMMs timed shape by shape in "
                      f"isolation ({floor['gemm_isolated']:.3f} s; {floor['gemm_in_situ']:.3f} s in the step) plus "
                      f"its attention ({floor['attention']:.3f} s), everything else taken as free. No step doing "
-                     f"this work can beat TRL by more than {trl['step'] / floor['floor']:.2f}x here. Above the "
+                     f"this work can beat TRL by more than {trl['step'] / floor['floor']:.2f}x here. Counting the "
+                     f"GEMM FLOPs it executes rather than the nominal ones (which credit it with the prompt work it "
+                     f"shares), unipo runs at {floor['gemm_gflop'] / ours['step']:.1f} GFLOP/s over its median step, "
+                     f"{100 * floor['gemm_gflop'] / ours['step'] / row['gemm_gflops']:.0f}% of the GEMM rate. "
+                     f"Above the "
                      f"floor: elementwise ops ({prof['unipo']['other ops']:.3f} s) and Python/dispatch "
                      f"({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
     flags = _cpu_flags()
