@@ -64,6 +64,7 @@ class _LossPlan:
     value_den: torch.Tensor
     has_rl: bool
     has_sft: bool
+    learns: bool  # any RL or SFT token, or a value head to fit
     ref_logp: torch.Tensor | None
 
 
@@ -302,7 +303,7 @@ class Trainer:
             rl_den=aggregation_denominator(rl_mask, r.aggregation, max_len=self.max_new_tokens),
             sft_den=aggregation_denominator(sft_mask, "token_mean"),
             value_den=aggregation_denominator(mask, "token_mean"),
-            has_rl=has_rl, has_sft=has_sft,
+            has_rl=has_rl, has_sft=has_sft, learns=learns,
             ref_logp=self._reference_logp(batch) if self.reference is not None and learns else None)
 
     def _micro_batch_loss(self, batch: RolloutBatch, rows: slice, plan: _LossPlan, advantages: torch.Tensor,
@@ -356,8 +357,7 @@ class Trainer:
         """K epochs over the batch in micro-batches, one optimizer step per epoch; returns (metrics, finite)."""
         r, o = self.recipe, self.config.optim
         plan = self._loss_plan(batch, selection, rl_weight, sft_weight)
-        token_frac = plan.rl_mask.sum() / plan.mask.sum().clamp(min=1)
-        if not (plan.has_rl or plan.has_sft or self.value_head is not None):
+        if not plan.learns:
             # Selection or gating left no token to learn from: no update, and say so.
             self.scheduler.step()
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0}, True
@@ -376,6 +376,7 @@ class Trainer:
             totals["grad_norm"], stepped = self._optimizer_step(totals["loss"])
             finite = finite and stepped
         self.scheduler.step()
+        token_frac = plan.rl_mask.sum() / plan.mask.sum().clamp(min=1)
         return _update_metrics(totals, r.epochs, token_frac), finite
 
     def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
