@@ -209,17 +209,17 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
             continue
         trl, ours, prof, floor = row["trl"], row["unipo"], row["profile"], row["profile"]["unipo_floor"]
         lines.append(f"- {row['size']}, {row['threads']} thread(s): TRL {trl['step']:.3f} s, unipo "
-                     f"{ours['step']:.3f} s ({trl['step'] / ours['step']:.2f}x). The floor of unipo's step is "
-                     f"{floor['floor']:.3f} s: its {floor['gemm_gflop']:.2f} GFLOP of GEMMs timed shape by shape in "
-                     f"isolation ({floor['gemm_isolated']:.3f} s; {floor['gemm_in_situ']:.3f} s in the step) plus "
-                     f"its attention ({floor['attention']:.3f} s), everything else taken as free. No step doing "
-                     f"this work can beat TRL by more than {trl['step'] / floor['floor']:.2f}x here. Counting the "
-                     f"GEMM FLOPs it executes rather than the nominal ones (which credit it with the prompt work it "
-                     f"shares), unipo runs at {floor['gemm_gflop'] / ours['step']:.1f} GFLOP/s over its median step, "
+                     f"{ours['step']:.3f} s ({trl['step'] / ours['step']:.2f}x). unipo's {floor['gemm_gflop']:.2f} "
+                     f"GFLOP of GEMMs take {floor['gemm_isolated']:.3f} s timed shape by shape in isolation "
+                     f"(cache-hot; {floor['gemm_in_situ']:.3f} s in the step): no implementation of this work can "
+                     f"beat TRL by more than {trl['step'] / floor['gemm_isolated']:.2f}x here, and with attention as "
+                     f"the step runs it ({floor['attention']:.3f} s) and everything else free, "
+                     f"{trl['step'] / floor['floor']:.2f}x. Counting the GEMM FLOPs it executes rather than the "
+                     f"nominal ones (which credit it with the prompt work it shares), unipo runs at "
+                     f"{floor['gemm_gflop'] / ours['step']:.1f} GFLOP/s over its median step, "
                      f"{100 * floor['gemm_gflop'] / ours['step'] / row['gemm_gflops']:.0f}% of the GEMM rate. "
-                     f"Above the "
-                     f"floor: elementwise ops ({prof['unipo']['other ops']:.3f} s) and Python/dispatch "
-                     f"({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
+                     f"Above the GEMMs and attention: elementwise ops ({prof['unipo']['other ops']:.3f} s) and "
+                     f"Python/dispatch ({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
     flags = _cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}) or ["none (AVX2 only)"]
     lines.append(f"- bf16: this CPU's bf16 matmul instructions: {', '.join(units)}. F.linear under bf16 autocast "

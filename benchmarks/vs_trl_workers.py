@@ -110,10 +110,11 @@ def _isolated_seconds(m: int, k: int, n: int, repeats: int = 30) -> float:
 
 
 def step_floor(step) -> dict[str, float]:
-    """A lower bound on the time of `step()` at these maths: run it once under the profiler recording shapes,
-    then time every GEMM shape it ran in isolation (cache-hot, the fastest it can go here) times its count, and
-    add the step's own attention time. Everything else (elementwise ops, sampling, the optimizer, Python) is
-    taken as free, so no implementation of the same work can be faster than this on this machine."""
+    """How fast `step()` could be at these maths: run it once under the profiler recording shapes, then time
+    every GEMM shape it ran in isolation (cache-hot: the fastest it goes on this machine) times its count.
+    `gemm_isolated` is a hard lower bound for any implementation of the same work; `floor` adds the step's
+    attention as it runs now (not a hard bound: attention could in principle be faster), with everything else
+    (elementwise ops, sampling, the optimizer, Python) taken as free."""
     with _profiler(record_shapes=True) as profiler:
         step()
     counts: dict[tuple[int, int, int], int] = {}
