@@ -89,8 +89,10 @@ def train(
     seed: int = typer.Option(0, help="Seed for sampling, tasks and initialisation."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
 ) -> None:
-    """Train with any recipe. Extra `key=value` arguments override the config
-    (e.g. rollout.group_size=4 optim.lr=3e-4 recipe.kl_coef=0.01)."""
+    """Train with any recipe.
+
+    Extra `key=value` arguments override the config (e.g. rollout.group_size=4 optim.lr=3e-4 recipe.kl_coef=0.01).
+    """
     try:
         if resume:
             if not out:
@@ -174,8 +176,11 @@ def demo(
     seed: int = typer.Option(0, help="Seed."),
     quick: bool = typer.Option(False, help="A much shorter demo (used by the tests)."),
 ) -> None:
-    """The main job: build the embedded tiny model, warm-start it with SFT, train it with a
-    hybrid-policy recipe, and print held-out accuracy and pass@k before and after."""
+    """The main job: tiny model, SFT warm start, hybrid-policy RL, held-out accuracy before and after.
+
+    Builds the embedded tiny model locally, warm-starts it with SFT, trains it with a hybrid-policy recipe, and
+    prints held-out accuracy and pass@k after each stage.
+    """
     from unipo.demo import run_demo
 
     run_demo(out=out, seed=seed, quick=quick)

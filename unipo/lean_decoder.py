@@ -107,8 +107,9 @@ class LeanDecoder:
         return weight * normed
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, 1, L, d/2] of each position (HF builds [B, L, d] = the same half, twice)."""
+        """cos/sin [B, 1, L, d] of each position, built as HF builds them (the d/2 frequencies, twice)."""
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, L, d/2]
+        freqs = torch.cat([freqs, freqs], dim=-1)
         cos, sin = freqs.cos(), freqs.sin()
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
@@ -116,16 +117,18 @@ class LeanDecoder:
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x*cos + rotate_half(x)*sin, written on the two halves: the same products and sums as HF's."""
+        """HF's x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
     def attention(self, index: int, x: torch.Tensor, rope, mask: torch.Tensor | None, cache) -> torch.Tensor:
         layer, (batch, length, _) = self.layers[index], x.shape
         q = layer.q(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
         k = layer.k(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = layer.v(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, *rope), self.rotate(k, *rope)
+        # q and k rotated as one tensor: half the kernel launches, which dominate a small model's decode step
+        qk = self.rotate(torch.cat([q, k], dim=1), *rope)
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
         k, v = cache.extend(index, k, v)
         # No mask: plain causal attention over this call's own tokens (or one query attending to everything).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
