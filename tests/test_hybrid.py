@@ -42,7 +42,8 @@ def ppo_token(logp, old_logp, adv, eps_low, eps_high):
     return max(-ratio * adv, -clipped * adv)
 
 
-def ref_luffy(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, shaping_gamma=0.1):
+def ref_hybrid(logp, old_logp, adv, mask, off_policy, off_token, eps_low, eps_high):
+    """Token losses: 0 on padding, PPO-clip on rollout rows, `off_token(logp, old_logp, A)` on expert rows."""
     out = []
     for i in range(len(logp)):
         row = []
@@ -51,30 +52,26 @@ def ref_luffy(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, 
             if not mask[i][t]:
                 row.append(0.0)
             elif off_policy[i]:
-                p = math.exp(logp[i][t])
-                row.append(-a * p / (p + shaping_gamma))
+                row.append(off_token(logp[i][t], old_logp[i][t], a))
             else:
                 row.append(ppo_token(logp[i][t], old_logp[i][t], a, eps_low, eps_high))
         out.append(row)
     return out
+
+
+def ref_luffy(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, shaping_gamma=0.1):
+    def shaped(lp, _old, a):
+        p = math.exp(lp)
+        return -a * p / (p + shaping_gamma)
+    return ref_hybrid(logp, old_logp, adv, mask, off_policy, shaped, eps_low, eps_high)
 
 
 def ref_rl_plus(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, expert_prob=1.0):
-    out = []
-    for i in range(len(logp)):
-        row = []
-        for t in range(len(logp[0])):
-            a = adv[i][t]
-            if not mask[i][t]:
-                row.append(0.0)
-            elif off_policy[i]:
-                p, p_old = math.exp(logp[i][t]), math.exp(old_logp[i][t])
-                proxy = (p_old + expert_prob) / 2
-                row.append(-a * p / (p_old / 2 + proxy / 2))
-            else:
-                row.append(ppo_token(logp[i][t], old_logp[i][t], a, eps_low, eps_high))
-        out.append(row)
-    return out
+    def mixture_importance(lp, old, a):
+        p, p_old = math.exp(lp), math.exp(old)
+        proxy = (p_old + expert_prob) / 2
+        return -a * p / (p_old / 2 + proxy / 2)
+    return ref_hybrid(logp, old_logp, adv, mask, off_policy, mixture_importance, eps_low, eps_high)
 
 
 LOSS_REFERENCES = {"luffy": ref_luffy, "rl_plus": ref_rl_plus}

@@ -47,6 +47,12 @@ def _scaled_chunk(logits: torch.Tensor, t0: int, t1: int, dtype: torch.dtype, te
     return chunk if temperature == 1.0 else chunk / temperature
 
 
+def _tempered_grad(grad_out: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """The incoming gradient in the compute dtype, times d(x/τ)/dx = 1/τ."""
+    grad_out = grad_out.to(dtype)
+    return grad_out / temperature if temperature != 1.0 else grad_out
+
+
 def _check_logits(logits: torch.Tensor, temperature: float) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {list(logits.shape)}")
@@ -83,9 +89,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         logits, ids, lse = ctx.saved_tensors
-        grad_out = grad_out.to(lse.dtype)
-        if ctx.temperature != 1.0:
-            grad_out = grad_out / ctx.temperature  # d(x/τ)/dx = 1/τ
+        grad_out = _tempered_grad(grad_out, lse.dtype, ctx.temperature)
         grad_logits = torch.empty_like(logits)
         for t0 in range(0, logits.shape[1], ctx.step):
             t1 = t0 + ctx.step
@@ -132,9 +136,7 @@ class _EntropyFromLogits(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         logits, lse, entropy = ctx.saved_tensors
-        grad_out = grad_out.to(lse.dtype)
-        if ctx.temperature != 1.0:
-            grad_out = grad_out / ctx.temperature  # d(x/τ)/dx = 1/τ
+        grad_out = _tempered_grad(grad_out, lse.dtype, ctx.temperature)
         lowest = torch.finfo(lse.dtype).min
         grad_logits = torch.empty_like(logits)
         for t0 in range(0, logits.shape[1], ctx.step):
