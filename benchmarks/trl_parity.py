@@ -66,11 +66,11 @@ def unipo_loss(model, tokenizer, recipe: str, batch, bf16: bool = False) -> tupl
         correct=zeros.bool(), group_ids=prompt_index, prompt_index=prompt_index, off_policy=zeros.bool(),
         truncated=zeros.bool(), answer_ids=zeros.long(), hinted=zeros.bool(), texts=[""] * rows,
         prompts=[""] * rows)
-    behaviour = {"logp": batch["old_per_token_logps"]}
-    rl_weight, sft_weight, _ = trainer._mix(rollout)
-    selection = trainer._selection(rollout, batch["advantages"], behaviour)
     model.train()
-    metrics, _ = trainer._update(rollout, batch["advantages"], selection, rl_weight, sft_weight, behaviour)
+    trainer.scheduler.step = lambda *a, **k: None
+    # the given advantages replace the recipe's (TRL's loss takes them as they are)
+    trainer._advantages = lambda *a, **k: batch["advantages"]
+    metrics, _ = trainer.learn(rollout, old_logp=batch["old_per_token_logps"])
     return float(metrics["loss"]), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

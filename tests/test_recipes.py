@@ -128,16 +128,10 @@ def test_sft_then_rl_switches_stage():
 
 def test_ppo_value_loss_decreases_on_a_fixed_batch():
     trainer = make_trainer("ppo", epochs=1)
-    trainer.model.train()
     batch, _ = trainer.collector.collect(seed=0, step=0)
-    behaviour = trainer._behaviour_pass(batch)
-    advantages = trainer._advantages(batch, behaviour)
-    assert advantages.shape == batch.completion_ids.shape  # GAE: token-level advantages
-    ones = torch.ones(len(batch))
-    selection = batch.completion_mask.float()
     losses = []
     for _ in range(8):
-        metrics, finite = trainer._update(batch, advantages, selection, ones, 0 * ones, behaviour)
+        metrics, finite = trainer.learn(batch)
         assert finite
         losses.append(float(metrics["value_loss"]))
     assert losses[-1] < 0.7 * losses[0], losses

@@ -147,7 +147,7 @@ def test_run_folder_contents(tmp_path):
 
 
 def test_nan_loss_skips_the_step_then_stops_the_run(tmp_path, monkeypatch):
-    import unipo.trainer as trainer_module
+    import unipo.update as trainer_module
 
     out = tmp_path / "run"
     trainer = start_run(small_config(steps=10, out=str(out), save_every=1, max_bad_steps=2), progress=False)

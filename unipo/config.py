@@ -67,7 +67,12 @@ class Recipe:
     entropy_coef: float = 0.0
     # value head (PPO with GAE)
     value_coef: float = 0.0
-    # update schedule: epochs over each rollout batch
+    # update schedule: each generation batch is shuffled and split into `mini_batches` parts, one
+    # optimizer step each, for `epochs` passes (epochs * mini_batches updates per rollout batch).
+    # TRL: steps_per_generation = mini_batches, num_iterations = epochs. verl: ppo_mini_batch_size =
+    # rows / mini_batches (counted in prompts there), ppo_epochs = epochs. From the second update on,
+    # pi_theta != pi_old and the ratio, clipping and trust regions act.
+    mini_batches: int = 1
     epochs: int = 1
 
     def __post_init__(self) -> None:
@@ -83,12 +88,22 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: sft_weighting must be 'uniform' or 'phi'")
         if not 0.0 <= self.overlong_buffer_frac < 1.0:
             raise ValueError(f"recipe {self.name}: overlong_buffer_frac must be in [0, 1)")
-        if self.epochs < 1:
-            raise ValueError(f"recipe {self.name}: epochs must be >= 1")
+        for knob in ("epochs", "mini_batches"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"recipe {self.name}: {knob} must be an int >= 1, got {value!r}")
+        from unipo.slots import check_recipe  # the slot registries import the core maths: load them lazily
+
+        check_recipe(self)
 
     @property
     def uses_expert(self) -> bool:
         return self.data != "on_policy" or bool(self.hint_fractions)
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on one generation batch (1: the ratio is exactly 1, pi_old == pi)."""
+        return self.epochs * self.mini_batches
 
     @property
     def needs_reference(self) -> bool:

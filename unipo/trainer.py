@@ -1,22 +1,20 @@
 """The trainer: one loop for every recipe.
 
-    collect (rollouts, expert rows, rewards) -> advantages -> mixer weights -> selection
-    -> K epochs of micro-batched forward/backward with gradient accumulation -> AdamW step
-    -> log, evaluate, checkpoint
+    collect (rollouts, expert rows, rewards) -> batch inputs (pi_old log-probs, entropy, values)
+    -> advantages -> mixer weights -> selection -> the update (epochs x mini-batches of optimizer
+    steps, see `unipo.update`) -> log, evaluate, checkpoint
 
 Every algorithmic choice is a registry look-up by the recipe's slot names; the loop names no
-algorithm. Tensors a slot's function asks for by parameter name (`off_policy`, `entropy`,
-`answer_ids`, ...) are handed to it from the batch: see `_batch_inputs`.
+algorithm. A slot function gets exactly the batch inputs it declared when it registered, from one
+provider table (`Trainer._provider`, documented in `unipo.slots.INPUTS`).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import random
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,61 +23,16 @@ import torch
 
 from unipo.collect import RolloutBatch, RolloutCollector
 from unipo.config import TrainConfig
-from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, gae_returns
-from unipo.core.kl import kl_estimate
-from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss, value_loss
-from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.core.advantages import compute_advantages
+from unipo.core.selection import compute_selection
 from unipo.critics import PromptValueTracker, ValueHead
 from unipo.mixing import MIXERS
 from unipo.models import load_model, pick_device
 from unipo.rollout import policy_logprobs
 from unipo.runs import RunFolder
+from unipo.slots import recipe_inputs, slot_choices
 from unipo.tasks.base import get_task
-
-
-def _accepted(fn: Callable) -> set[str]:
-    """Names of the keyword parameters a registered function declares."""
-    return set(inspect.signature(fn).parameters)
-
-
-def _batch_inputs(fn: Callable, available: dict[str, Any]) -> dict[str, Any]:
-    """The batch tensors `fn` asks for by name (and only those)."""
-    wanted = _accepted(fn)
-    return {k: v for k, v in available.items() if k in wanted}
-
-
-@dataclass(frozen=True)
-class _LossPlan:
-    """What every micro-batch and epoch of one update shares: per-token weights [B, T] of the RL and SFT
-    losses (0 = not trained on), their masks, and the full-batch normalisers that make micro-batched
-    gradients sum to the full batch's."""
-
-    mask: torch.Tensor
-    rl_tokens: torch.Tensor
-    sft_tokens: torch.Tensor
-    rl_mask: torch.Tensor
-    sft_mask: torch.Tensor
-    rl_den: torch.Tensor
-    sft_den: torch.Tensor
-    value_den: torch.Tensor
-    has_rl: bool
-    has_sft: bool
-    learns: bool  # any RL or SFT token, or a value head to fit
-    ref_logp: torch.Tensor | None
-
-
-# Metrics logged under their own name; every other one a loss function reports goes under "actor/".
-_PLAIN_METRICS = ("loss", "kl", "entropy", "sft_loss", "grad_norm", "value_loss", "clip_frac")
-
-
-def _update_metrics(totals: dict[str, torch.Tensor], epochs: int, token_frac: torch.Tensor) -> dict[str, Any]:
-    """Per-epoch means of the accumulated update metrics (the gradient norm: the last epoch's)."""
-    named = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v if k == "grad_norm" else v / epochs
-             for k, v in totals.items()}
-    named.setdefault("kl", 0.0)
-    named.setdefault("clip_frac", 0.0)
-    named["select/token_frac"] = token_frac
-    return named
+from unipo.update import PolicyUpdate
 
 
 @dataclass
@@ -91,8 +44,10 @@ class StepResult:
 class Trainer:
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, run: RunFolder | None = None,
                  progress: bool = True) -> None:
+        # The recipe was checked slot by slot when it was built (unipo.slots.check_recipe): nothing below
+        # can fail on a recipe name or param after the model has loaded.
         self.config, self.recipe, self.progress = config, config.recipe, progress
-        self._validate_names()
+        self.inputs_needed = recipe_inputs(self.recipe)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
@@ -115,25 +70,20 @@ class Trainer:
         self.collector = RolloutCollector(self.model, tokenizer, self.task, self.recipe, config.rollout,
                                           max_new_tokens=self.max_new_tokens, device=self.device,
                                           generator=self.generator)
+        self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
+                                   optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
+                                   value_head=self.value_head, max_len=self.max_new_tokens)
         self.run = run
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict[str, float]] = []
+        self._batch: RolloutBatch | None = None  # the batch being trained on (read by `_policy_forward`)
 
     # -- set-up ----------------------------------------------------------------------------
     def trainable_modules_parameters(self):
         yield from (p for p in self.model.parameters() if p.requires_grad)
         if self.value_head is not None:
             yield from self.value_head.parameters()
-
-    def _validate_names(self) -> None:
-        r = self.recipe
-        ADVANTAGE_ESTIMATORS.get(r.advantage)
-        POLICY_LOSSES.get(r.loss)
-        MIXERS.get(r.mixer)
-        for name in r.selection:
-            SELECTIONS.get(name)
-        aggregation_denominator(torch.ones(1, 1), r.aggregation)  # raises on an unknown mode
 
     @staticmethod
     def _frozen_copy(model):
@@ -169,16 +119,7 @@ class Trainer:
             self.step += 1
             return StepResult({"step": self.step, **rollout_stats, "skipped": 1.0}, skipped=True)
 
-        self.model.train()
-        behaviour = self._behaviour_pass(batch)
-        advantages = self._advantages(batch, behaviour)
-        rl_weight, sft_weight, mix_metrics = self._mix(batch)
-        selection = self._selection(batch, advantages, behaviour)
-        update_metrics, finite = self._update(batch, advantages, selection, rl_weight, sft_weight, behaviour)
-        if "baseline" in _accepted(ADVANTAGE_ESTIMATORS.get(self.recipe.advantage)):
-            on = (~batch.off_policy).nonzero().squeeze(1).tolist()
-            self.tracker.update([batch.prompts[i] for i in on], batch.rewards[on],
-                                float(update_metrics.get("actor/approx_kl", 0.0)))
+        update_metrics, finite = self.learn(batch)
         done = time.perf_counter()
 
         self.step += 1
@@ -200,7 +141,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "rollout/reward_errors": batch.reward_errors,
             "rollout/truncated_frac": over_rollouts(batch.truncated),
-            **rollout_stats, **mix_metrics, **update_metrics,
+            **rollout_stats, **update_metrics,
         }
         metrics = {k: None if v is None else float(v) for k, v in metrics.items()}
         if not finite:
@@ -210,198 +151,142 @@ class Trainer:
             self.bad_steps = 0
         return StepResult(metrics, skipped=not finite)
 
-    # -- slots -----------------------------------------------------------------------------
-    def _available(self, batch: RolloutBatch, behaviour: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Batch tensors a slot function may ask for by parameter name."""
-        lengths = batch.completion_mask.sum(1)
-        available = {
-            "mask": batch.completion_mask.float(),
-            "token_ids": batch.completion_ids,
-            "off_policy": batch.off_policy,
-            "truncated": batch.truncated,
-            "answer_ids": batch.answer_ids,
-            "lengths": lengths,
-            # Stratified GRPO's strata: trajectories of like structure. Our analogue is the
-            # response length in buckets of 4 tokens (the paper: number of search calls).
-            "strata": torch.div(lengths, 4, rounding_mode="floor"),
-            "step": self.step,
-            "total_steps": self.config.steps,
-            **behaviour,
-        }
-        if "baseline" in _accepted(ADVANTAGE_ESTIMATORS.get(self.recipe.advantage)):
-            available["baseline"] = self.tracker.baseline(batch.prompts, self.device)  # SPO's tracker
-        if "logp" in behaviour:
-            available["expert_logp"] = _expert_row_values(behaviour["logp"], batch)
-        return available
+    def learn(self, batch: RolloutBatch, *, old_logp: torch.Tensor | None = None) -> tuple[dict[str, Any], bool]:
+        """Everything after collection for one batch: batch inputs -> advantages -> mixer -> selection ->
+        the update (epochs x mini-batches of optimizer steps) -> SPO's tracker. Returns (metrics, finite).
+        `old_logp` replaces pi_old's log-probs (for parity checks against other trainers)."""
+        self.model.train()
+        self._batch = batch
+        try:
+            inputs, behaviour_logp, input_stats = self._provider(batch)
+            advantages = self._advantages(batch, inputs)
+            rl_weight, sft_weight, mix_metrics = self._mix(batch)
+            selection = self._selection(batch, advantages, inputs)
+            if old_logp is None and self.recipe.updates_per_batch > 1:
+                old_logp = behaviour_logp  # else one update: pi_old is the current policy, the ratio exactly 1
+            plan = self.update.plan(batch, selection, rl_weight, sft_weight, old_logp,
+                                    self._reference_logp if self.reference is not None else None)
+            shuffle = torch.Generator().manual_seed(_mix_seed(self.config.seed, self.step))
+            update_metrics, finite = self.update(batch, plan, advantages, inputs, shuffle)
+        finally:
+            self._batch = None
+        self.scheduler.step()
+        if "baseline" in self.inputs_needed:  # SPO's tracker learns from this step's rollouts
+            on = (~batch.off_policy).nonzero().squeeze(1).tolist()
+            self.tracker.update([batch.prompts[i] for i in on], batch.rewards[on],
+                                float(update_metrics.get("actor/approx_kl", 0.0)))
+        return {**input_stats, **mix_metrics, **update_metrics}, finite
 
-    def _needs_behaviour(self) -> set[str]:
-        """What the no-grad pass over the batch must produce (old log-probs, entropy)."""
-        r, needs = self.recipe, set()
-        advantage_inputs = _accepted(ADVANTAGE_ESTIMATORS.get(r.advantage))
-        if r.epochs > 1 or advantage_inputs & {"logp", "expert_logp"}:
-            needs.add("logp")  # also: the ratio's denominator must stay fixed across epochs
-        if r.selection:
-            needs.add("entropy")
-        if self.value_head is not None:
-            needs.add("values")
-        return needs
+    # -- batch inputs ----------------------------------------------------------------------
+    def _sampler_logp_exact(self) -> bool:
+        """The sampler's log-probs are pi_old's exactly when it drew from the full tempered softmax in
+        float32: the same temperature as the loss's forward (always), no top-p renormalisation and no bf16
+        autocast (whose incremental decode rounds differently from the full forward)."""
+        return self.config.rollout.top_p >= 1.0 and not self.config.bf16
+
+    def _provider(self, batch: RolloutBatch) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, float]]:
+        """The batch inputs the recipe's slots declared, pi_old's log-probs when the update needs them
+        (more than one optimizer step per batch, or a slot reads `logp`), and where those came from.
+
+        pi_old's log-probs come from the sampler for sampled rows when they are exact (see
+        `_sampler_logp_exact`), else from a no-grad pass under the loss's autocast; expert rows (never
+        sampled) always take the pass. A pass that runs anyway (for entropy or values) serves every row.
+        """
+        needed = self.inputs_needed
+        needs_old = self.recipe.updates_per_batch > 1 or bool(needed & {"logp", "expert_logp"})
+        need_entropy, need_values = "entropy" in needed, self.value_head is not None
+        sampled = ~batch.off_policy
+        full_pass = need_entropy or need_values or (needs_old and not self._sampler_logp_exact())
+        behaviour: dict[str, torch.Tensor] = {}
+        if full_pass:
+            behaviour = self._behaviour_pass(batch, torch.arange(len(batch), device=self.device),
+                                             need_entropy=need_entropy, need_values=need_values)
+        old_logp = behaviour.get("logp")
+        from_sampler = 0.0
+        if needs_old and old_logp is None:
+            old_logp = batch.sampling_logp.clone()
+            if bool((~sampled).any()):
+                expert = (~sampled).nonzero().squeeze(1)
+                old_logp[expert] = self._behaviour_pass(batch, expert, need_entropy=False, need_values=False)["logp"]
+            from_sampler = float(sampled.float().mean())
+        lengths = batch.completion_mask.sum(1)
+        providers = {
+            "mask": lambda: batch.completion_mask.float(),
+            "token_ids": lambda: batch.completion_ids,
+            "off_policy": lambda: batch.off_policy,
+            "truncated": lambda: batch.truncated,
+            "answer_ids": lambda: batch.answer_ids,
+            # Stratified GRPO's strata: trajectories of like structure. Our analogue is the response
+            # length in buckets of 4 tokens (the paper: number of search calls).
+            "strata": lambda: torch.div(lengths, 4, rounding_mode="floor"),
+            "step": lambda: self.step,
+            "total_steps": lambda: self.config.steps,
+            "logp": lambda: old_logp,
+            "expert_logp": lambda: _expert_row_values(old_logp, batch),
+            "entropy": lambda: behaviour["entropy"],
+            "values": lambda: behaviour["values"],
+            "baseline": lambda: self.tracker.baseline(batch.prompts, self.device),  # SPO's tracker
+        }
+        # ref_logp is computed once per step by the update plan (only when there is something to learn).
+        inputs = {name: providers[name]() for name in sorted(needed - {"ref_logp"})}
+        if need_values:
+            inputs["values"] = behaviour["values"]
+        stats = {"rollout/old_logp_from_sampler": from_sampler} if needs_old else {}
+        return inputs, old_logp, stats
 
     @torch.no_grad()
-    def _behaviour_pass(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        needs = self._needs_behaviour()
-        if not needs:
-            return {}
-        out = self._forward(self.model, batch, slice(None), need_entropy="entropy" in needs,
-                            need_hidden="values" in needs)
-        result = {"logp": out.logp}
-        if "entropy" in needs:
-            result["entropy"] = out.entropy
-        if "values" in needs:
-            result["values"] = self.value_head(out.hidden) * batch.completion_mask
-        return result
+    def _behaviour_pass(self, batch: RolloutBatch, rows: torch.Tensor, *, need_entropy: bool,
+                        need_values: bool) -> dict[str, torch.Tensor]:
+        """pi_old's log-probs (and entropy, values) of `rows`, under the same autocast as the loss's forward."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for chunk in rows.split(self.config.optim.micro_batch_size):
+            with self.autocast():
+                out = self._forward(self.model, batch, chunk, need_entropy=need_entropy, need_hidden=need_values)
+            part = {"logp": out.logp.float()}
+            if need_entropy:
+                part["entropy"] = out.entropy.float()
+            if need_values:
+                part["values"] = self.value_head(out.hidden) * batch.completion_mask[chunk]
+            parts.append(part)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _advantages(self, batch: RolloutBatch, behaviour) -> torch.Tensor:
-        fn = ADVANTAGE_ESTIMATORS.get(self.recipe.advantage)
-        extra = _batch_inputs(fn, self._available(batch, behaviour))
-        params = {**self.recipe.advantage_params, **extra}
-        return compute_advantages(self.recipe.advantage, batch.rewards, batch.group_ids, **params)
+    # -- slots -----------------------------------------------------------------------------
+    def _advantages(self, batch: RolloutBatch, inputs: dict[str, Any]) -> torch.Tensor:
+        choice = slot_choices(self.recipe)[0]
+        return compute_advantages(choice.name, batch.rewards, batch.group_ids, **choice.params,
+                                  **{k: inputs[k] for k in choice.inputs})
 
     def _mix(self, batch: RolloutBatch):
         fn = MIXERS.get(self.recipe.mixer)
         return fn(rewards=batch.rewards, prompt_index=batch.prompt_index, off_policy=batch.off_policy,
                   step=self.step, total_steps=self.config.steps, **self.recipe.mixer_params)
 
-    def _selection(self, batch: RolloutBatch, advantages, behaviour) -> torch.Tensor:
+    def _selection(self, batch: RolloutBatch, advantages, inputs: dict[str, Any]) -> torch.Tensor:
         weights = batch.completion_mask.float()
-        available = self._available(batch, behaviour)
-        for name in self.recipe.selection:
-            fn = SELECTIONS.get(name)
-            extra = {k: v for k, v in _batch_inputs(fn, available).items() if k not in ("mask", "entropy")}
+        for choice in slot_choices(self.recipe)[2:-1]:
+            declared = {k: inputs[k] for k in choice.inputs if k != "entropy"}
             weights = weights * compute_selection(
-                name, batch.completion_mask.float(), rewards=batch.rewards, advantages=advantages,
-                entropy=behaviour.get("entropy"), group_ids=batch.group_ids,
-                **{**self.recipe.selection_params.get(name, {}), **extra})
+                choice.name, batch.completion_mask.float(), rewards=batch.rewards, advantages=advantages,
+                entropy=inputs.get("entropy"), group_ids=batch.group_ids, **choice.params, **declared)
         return weights
 
-    # -- the update ------------------------------------------------------------------------
+    # -- forward passes --------------------------------------------------------------------
     def _forward(self, model, batch: RolloutBatch, rows, *, need_entropy: bool, need_hidden: bool = False):
         return policy_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
                                batch.completion_ids[rows], batch.completion_mask[rows],
                                temperature=self.config.rollout.temperature, need_entropy=need_entropy,
                                return_hidden=need_hidden)
 
-    def _loss_plan(self, batch: RolloutBatch, selection, rl_weight, sft_weight) -> _LossPlan:
-        r = self.recipe
-        mask = batch.completion_mask.float()
-        rl_tokens = selection * rl_weight[:, None]
-        sft_tokens = mask * sft_weight[:, None]
-        rl_mask, sft_mask = mask * (rl_tokens > 0), mask * (sft_tokens > 0)
-        has_rl, has_sft = bool(rl_mask.any()), bool(sft_mask.any())
-        learns = has_rl or has_sft or self.value_head is not None
-        return _LossPlan(
-            mask=mask, rl_tokens=rl_tokens, sft_tokens=sft_tokens, rl_mask=rl_mask, sft_mask=sft_mask,
-            rl_den=aggregation_denominator(rl_mask, r.aggregation, max_len=self.max_new_tokens),
-            sft_den=aggregation_denominator(sft_mask, "token_mean"),
-            value_den=aggregation_denominator(mask, "token_mean"),
-            has_rl=has_rl, has_sft=has_sft, learns=learns,
-            ref_logp=self._reference_logp(batch) if self.reference is not None and learns else None)
-
-    def _micro_batch_loss(self, batch: RolloutBatch, rows: slice, plan: _LossPlan, advantages: torch.Tensor,
-                          behaviour: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of rows `rows`, already divided by the full batch's normalisers (so summing the
-        micro-batches' gradients gives the full batch's), and its detached metrics."""
-        r, max_len = self.recipe, self.max_new_tokens
+    def _policy_forward(self, rows: torch.Tensor, *, need_entropy: bool, need_hidden: bool):
+        """The training forward of `rows` of the current batch (gradients flow), under autocast."""
         with self.autocast():
-            out = self._forward(self.model, batch, rows, need_entropy=True,  # entropy is logged every step
-                                need_hidden=self.value_head is not None)
-        logp = out.logp.float()
-        old = behaviour["logp"][rows] if "logp" in behaviour else logp.detach()  # one epoch: the ratio is 1
-        rl_mask, mask = plan.rl_mask[rows], plan.mask[rows]
-        loss = logp.new_zeros(())
-        metrics: dict[str, torch.Tensor] = {}
-        if plan.has_rl:
-            want = _accepted(POLICY_LOSSES.get(r.loss))
-            extra = {k: v for k, v in {"off_policy": batch.off_policy[rows], "entropy": out.entropy.detach(),
-                                       "ref_logp": None if plan.ref_logp is None else plan.ref_logp[rows]}.items()
-                     if k in want and v is not None}
-            rl_loss, metrics = compute_policy_loss(
-                r.loss, logp, old, advantages[rows], rl_mask, r.aggregation, weights=plan.rl_tokens[rows],
-                denominator=plan.rl_den, max_len=max_len, **{**r.loss_params, **extra})
-            loss = loss + rl_loss
-        if plan.has_sft:
-            sft_weights = plan.sft_tokens[rows] * self._sft_token_weights(logp)
-            sft_loss, _ = compute_policy_loss("sft", logp, old, torch.ones_like(logp[:, 0]), plan.sft_mask[rows],
-                                              "token_mean", weights=sft_weights, denominator=plan.sft_den)
-            loss = loss + sft_loss
-            metrics["sft_loss"] = sft_loss.detach()
-        if plan.ref_logp is not None and r.kl_coef:
-            kl = aggregate(kl_estimate(logp, plan.ref_logp[rows], r.kl_estimator), rl_mask, r.aggregation,
-                           denominator=plan.rl_den, max_len=max_len)
-            loss = loss + r.kl_coef * kl
-            metrics["kl"] = kl.detach()
-        if r.entropy_coef:
-            loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask, r.aggregation,
-                                                     denominator=plan.rl_den, max_len=max_len)
-        if self.value_head is not None:
-            old_values = behaviour["values"][rows]
-            returns = gae_returns(advantages[rows], old_values)
-            v_loss, v_metrics = value_loss(self.value_head(out.hidden), old_values, returns, mask)
-            v_loss = aggregate(v_loss, mask, "token_mean", denominator=plan.value_den)
-            loss = loss + r.value_coef * v_loss
-            metrics.update({"value_loss": v_loss.detach(), **v_metrics})
-        on_policy_tokens = mask * (~batch.off_policy[rows])[:, None]
-        metrics["entropy"] = (out.entropy.detach() * on_policy_tokens).sum() / on_policy_tokens.sum().clamp(min=1)
-        return loss, metrics
-
-    def _update(self, batch, advantages, selection, rl_weight, sft_weight, behaviour):
-        """K epochs over the batch in micro-batches, one optimizer step per epoch; returns (metrics, finite)."""
-        r, o = self.recipe, self.config.optim
-        plan = self._loss_plan(batch, selection, rl_weight, sft_weight)
-        if not plan.learns:
-            # Selection or gating left no token to learn from: no update, and say so.
-            self.scheduler.step()
-            return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0}, True
-        totals: dict[str, torch.Tensor] = {}
-        finite = True
-        for _ in range(r.epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(batch), o.micro_batch_size):
-                rows = slice(start, start + o.micro_batch_size)
-                loss, metrics = self._micro_batch_loss(batch, rows, plan, advantages, behaviour)
-                loss.backward()
-                totals["loss"] = totals.get("loss", 0.0) + loss.detach()  # already full-batch normalised
-                share = (min(start + o.micro_batch_size, len(batch)) - start) / len(batch)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + share * v.detach()
-            totals["grad_norm"], stepped = self._optimizer_step(totals["loss"])
-            finite = finite and stepped
-        self.scheduler.step()
-        token_frac = plan.rl_mask.sum() / plan.mask.sum().clamp(min=1)
-        return _update_metrics(totals, r.epochs, token_frac), finite
-
-    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Clip and step, unless the loss or the gradient is not finite (then drop the gradient)."""
-        parameters = list(self.trainable_modules_parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.optim.grad_clip)
-        if torch.isfinite(grad_norm) and torch.isfinite(loss):
-            self.optimizer.step()
-            return grad_norm, True
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, False
-
-    def _sft_token_weights(self, logp: torch.Tensor) -> torch.Tensor | float:
-        """CHORD-phi (arXiv 2508.11408): weight SFT tokens by p(1-p) when the mixer asks."""
-        if self.recipe.sft_weighting == "uniform":
-            return 1.0
-        from unipo.core.hybrid import chord_phi_weights
-
-        return chord_phi_weights(logp)
+            return self._forward(self.model, self._batch, rows, need_entropy=need_entropy, need_hidden=need_hidden)
 
     @torch.no_grad()
-    def _reference_logp(self, batch: RolloutBatch) -> torch.Tensor:
+    def _reference_logp(self) -> torch.Tensor:
+        batch = self._batch
         parts = []
-        for start in range(0, len(batch), self.config.optim.micro_batch_size):
-            rows = slice(start, start + self.config.optim.micro_batch_size)
+        for rows in torch.arange(len(batch), device=self.device).split(self.config.optim.micro_batch_size):
             with self.autocast():
                 parts.append(self._forward(self.reference, batch, rows, need_entropy=False).logp.float())
         return torch.cat(parts)
@@ -480,6 +365,11 @@ class Trainer:
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
         self.tracker.state = dict(state["tracker"])
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """The mini-batch shuffle's seed for a step: reproducible, and the same after a resume."""
+    return (seed * 1_000_003 + step) * 31 + 7
 
 
 def _expert_row_values(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:

@@ -243,7 +243,7 @@ def bnpo_advantages(
     return _zero_where_constant((scaled - p) * weight, rewards, seg)
 
 
-@ADVANTAGE_ESTIMATORS.register("stratified")
+@ADVANTAGE_ESTIMATORS.register("stratified", inputs=("strata",))
 def stratified_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, strata: torch.Tensor, alpha: float, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -264,7 +264,7 @@ def stratified_advantages(
     return alpha * within + (1 - alpha) * overall
 
 
-@ADVANTAGE_ESTIMATORS.register("seed_grpo")
+@ADVANTAGE_ESTIMATORS.register("seed_grpo", inputs=("answer_ids",))
 def seed_grpo_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, answer_ids: torch.Tensor, alpha: float, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -291,7 +291,7 @@ def seed_grpo_advantages(
     return _group_standardised(rewards, groups, eps) * (1 - alpha * normalised)[groups.index]
 
 
-@ADVANTAGE_ESTIMATORS.register("rl_plus_explore")
+@ADVANTAGE_ESTIMATORS.register("rl_plus_explore", inputs=("logp", "mask", "off_policy"))
 def rl_plus_explore_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
@@ -374,7 +374,7 @@ def a_star_advantages(
 # ---------------------------------------------------------------------------------------------
 
 
-@ADVANTAGE_ESTIMATORS.register("single_stream")
+@ADVANTAGE_ESTIMATORS.register("single_stream", inputs=("baseline",))
 def single_stream_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, baseline: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -422,7 +422,7 @@ def value_tracker_mean(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return alpha / (alpha + beta)
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("gae", inputs=("values", "mask"))
 def gae_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,

@@ -116,7 +116,7 @@ def policy_shaping(prob: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
     return prob / (prob + gamma)
 
 
-@POLICY_LOSSES.register("luffy")
+@POLICY_LOSSES.register("luffy", inputs=("off_policy",))
 def luffy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -160,7 +160,7 @@ def luffy_loss(
 # RL-PLUS
 
 
-@POLICY_LOSSES.register("rl_plus")
+@POLICY_LOSSES.register("rl_plus", inputs=("off_policy",))
 def rl_plus_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -374,7 +374,7 @@ def ghpo_hint_fraction(
 # CalibRL
 
 
-@ADVANTAGE_ESTIMATORS.register("calibrl")
+@ADVANTAGE_ESTIMATORS.register("calibrl", inputs=("logp", "expert_logp", "off_policy"))
 def calibrl_advantage(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,

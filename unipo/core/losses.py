@@ -262,7 +262,7 @@ def _entropy_mixing_weight(entropy: torch.Tensor, m: torch.Tensor) -> torch.Tens
     return torch.where(h_max > 0, h / _safe_denominator(h_max), torch.full_like(h, 0.5))
 
 
-@POLICY_LOSSES.register("dhpo")
+@POLICY_LOSSES.register("dhpo", inputs=("entropy",))
 def dhpo(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, eps_low: float = 0.2, eps_high: float = 0.2, seq_eps_low: float = 3e-4, seq_eps_high: float = 4e-4,
@@ -411,7 +411,7 @@ def sft(
     return _masked(-logp, m), _ratio_metrics(log_ratio, m, None)
 
 
-@POLICY_LOSSES.register("a_star_po")
+@POLICY_LOSSES.register("a_star_po", inputs=("ref_logp",))
 def a_star_po(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     *, ref_logp: torch.Tensor | None = None, beta: float = 1e-3,

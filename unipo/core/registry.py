@@ -4,6 +4,12 @@ Every variant of a slot (an advantage estimator, a policy loss, ...) is register
 name; callers look it up by that name and nothing else, so a recipe is a choice of names.
 Registering a name twice is an error: two functions silently answering to one name is the
 kind of bug that makes two papers' numbers incomparable.
+
+A function that needs batch tensors beyond its registry's shared signature (the expert-row
+flags, the token entropy, the reference log-probs, ...) declares them when it registers,
+`@REGISTRY.register("luffy", inputs=("off_policy",))`. The trainer hands it exactly those, from
+one provider table, and fails with an error naming the input when it cannot provide one:
+nothing is wired by guessing from parameter names.
 """
 
 from __future__ import annotations
@@ -21,15 +27,28 @@ class Registry(Mapping[str, F], Generic[F]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, F] = {}
+        self._inputs: dict[str, tuple[str, ...]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, *, inputs: Collection[str] = ()) -> Callable[[F], F]:
+        """Register under `name`; `inputs` are the keyword parameters the caller fills from the batch."""
         def decorator(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
+            if callable(fn):
+                params = inspect.signature(fn).parameters
+                undeclared = [k for k in inputs if k not in params]
+                if undeclared:
+                    raise ValueError(f"{self.kind} {name!r} declares inputs {undeclared} it does not accept")
             self._entries[name] = fn
+            self._inputs[name] = tuple(inputs)
             return fn
 
         return decorator
+
+    def inputs(self, name: str) -> tuple[str, ...]:
+        """The batch inputs `name` declared when it registered."""
+        self.get(name)
+        return self._inputs[name]
 
     def get(self, name: str) -> F:  # type: ignore[override]
         """The function registered as `name`; ValueError listing the valid names otherwise."""
@@ -41,12 +60,14 @@ class Registry(Mapping[str, F], Generic[F]):
 
     def check_params(self, name: str, params: Mapping[str, object], shared: Collection[str] = ()) -> None:
         """ValueError naming the accepted keyword params when `params` has an unknown one or
-        lacks a required one (`shared` names the inputs every entry takes, not params)."""
+        lacks a required one (`shared` names the inputs every entry takes, not params; the entry's
+        declared batch inputs are not params either)."""
+        inputs = set(self.inputs(name))  # filled by the caller from the batch: allowed, never required
         keyword_only = [p for p in inspect.signature(self.get(name)).parameters.values()
-                        if p.kind is p.KEYWORD_ONLY and p.name not in shared]
+                        if p.kind is p.KEYWORD_ONLY and p.name not in shared and p.name not in inputs]
         accepted = {p.name for p in keyword_only}
         required = {p.name for p in keyword_only if p.default is p.empty}
-        unknown, missing = sorted(set(params) - accepted), sorted(required - set(params))
+        unknown, missing = sorted(set(params) - accepted - inputs), sorted(required - set(params))
         if unknown or missing:
             raise ValueError(f"{self.kind} {name!r}: unknown params {unknown}, missing params {missing}; "
                              f"it accepts {sorted(accepted) or 'no params'}")

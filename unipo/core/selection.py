@@ -177,7 +177,7 @@ def _select_dynamic_sampling(mask, *, rewards, advantages, entropy, group_ids) -
     return (_valid(mask) & keep_row.unsqueeze(1)).to(_weight_dtype(advantages))
 
 
-@SELECTIONS.register("overlong_filter")
+@SELECTIONS.register("overlong_filter", inputs=("truncated",))
 def _select_overlong_filter(mask, *, rewards, advantages, entropy, group_ids, truncated) -> torch.Tensor:
     """DAPO (arXiv 2503.14476, §3.4 overlong filtering): drop completions cut off at the budget.
 
@@ -187,7 +187,7 @@ def _select_overlong_filter(mask, *, rewards, advantages, entropy, group_ids, tr
     return (_valid(mask) & ~truncated.unsqueeze(1)).to(_weight_dtype(advantages))
 
 
-@SELECTIONS.register("high_entropy_tokens")
+@SELECTIONS.register("high_entropy_tokens", inputs=("entropy",))
 def _select_high_entropy_tokens(mask, *, rewards, advantages, entropy, group_ids, rho=0.2) -> torch.Tensor:
     """"Beyond the 80/20 rule" (arXiv 2506.01939): gradient only on the highest-entropy tokens.
 
@@ -264,7 +264,7 @@ def _max_variance_subset(
     return (rank < row_k - row_high) | (rank >= row_count - row_high)
 
 
-@SELECTIONS.register("d3s")
+@SELECTIONS.register("d3s", inputs=("entropy", "step", "total_steps"))
 def _select_d3s(
     mask, *, rewards, advantages, entropy, group_ids, sample_ratio=0.5, token_ratio=0.2, scope="group",
     schedule=False, step=None, total_steps=None,
@@ -349,7 +349,7 @@ def d3s_schedule(
     )
 
 
-@SELECTIONS.register("gtpo")
+@SELECTIONS.register("gtpo", inputs=("entropy", "token_ids"))
 def _select_gtpo(
     mask, *, rewards, advantages, entropy, group_ids, token_ids, entropy_threshold=0.7, positive_conflict_weight=2.0
 ) -> torch.Tensor:
@@ -405,7 +405,7 @@ def _select_gtpo(
     return weights
 
 
-@SELECTIONS.register("egsw")
+@SELECTIONS.register("egsw", inputs=("entropy",))
 def _select_egsw(mask, *, rewards, advantages, entropy, group_ids, alpha=0.1, temperature=1.0) -> torch.Tensor:
     """EGSW (arXiv 2503.22456), trajectory-wise: sequence weights from advantage and entropy.
 

@@ -1,0 +1,144 @@
+"""A recipe's slots, the batch inputs their functions declare, and the check run when a recipe is built.
+
+Each slot of the unified estimator is a registry (advantage, policy loss, selection, mixer). A
+function registered there receives its registry's shared arguments plus exactly the batch inputs it
+declared at registration (`Registry.register(name, inputs=...)`). `INPUTS` is the one table of what
+the trainer can provide; the trainer builds these tensors (see `Trainer._provider`) and nothing else.
+
+`check_recipe` runs when a `Recipe` is built (so a bad override fails before any model loads): every
+name must be registered, every param known and every required one given, every declared input one
+the trainer provides, and each slot function is run once on a small synthetic batch, so a bad param
+value (eps_low = 2, a negative threshold) is one clear error at start-up, not a crash at step 40.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unipo.core import hybrid  # noqa: F401  (registers the hybrid losses and the calibrl advantage)
+from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
+from unipo.core.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss
+from unipo.core.registry import Registry
+from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.mixing import MIXERS
+
+if TYPE_CHECKING:
+    from unipo.config import Recipe
+
+# Every batch input a slot function may declare, with what the trainer hands it.
+INPUTS: Mapping[str, str] = {
+    "mask": "[B, T] float completion mask",
+    "token_ids": "[B, T] completion token ids",
+    "off_policy": "[B] bool: the row is an expert trace, not a rollout",
+    "truncated": "[B] bool: the completion hit the generation budget",
+    "answer_ids": "[B] cluster id of the extracted final answer",
+    "strata": "[B] Stratified GRPO's strata: response length in buckets of 4 tokens",
+    "step": "int, the training step",
+    "total_steps": "int, the run's steps",
+    "logp": "[B, T] log-probs of the rows under pi_old, the policy that sampled them",
+    "expert_logp": "[B, T] pi_old log-probs of the row's group expert trace (zeros without one)",
+    "entropy": "[B, T] next-token entropy under pi_old",
+    "values": "[B, T] the value head's V(s_t) under pi_old",
+    "baseline": "[B] SPO's per-prompt value from its Beta tracker",
+    "ref_logp": "[B, T] log-probs under the frozen reference policy",
+}
+
+# Keyword arguments every function of a registry takes from the caller (not params, not declared inputs).
+_SHARED = {
+    "advantage estimator": (),
+    "policy loss": (),
+    "selection": ("rewards", "advantages", "entropy", "group_ids"),
+    "mixer": ("rewards", "prompt_index", "off_policy", "step", "total_steps"),
+}
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    """One slot of a recipe: the registry, the chosen name and its params."""
+
+    registry: Registry
+    name: str
+    params: Mapping[str, Any]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.registry.inputs(self.name)
+
+
+def slot_choices(recipe: Recipe) -> list[SlotChoice]:
+    """The recipe's advantage, loss, selections (in order) and mixer."""
+    choices = [SlotChoice(ADVANTAGE_ESTIMATORS, recipe.advantage, recipe.advantage_params),
+               SlotChoice(POLICY_LOSSES, recipe.loss, recipe.loss_params)]
+    choices += [SlotChoice(SELECTIONS, name, recipe.selection_params.get(name, {})) for name in recipe.selection]
+    return choices + [SlotChoice(MIXERS, recipe.mixer, recipe.mixer_params)]
+
+
+def recipe_inputs(recipe: Recipe) -> frozenset[str]:
+    """Every batch input the recipe's slot functions declared."""
+    return frozenset(name for choice in slot_choices(recipe) for name in choice.inputs)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """ValueError (one line, naming the recipe and the slot) unless every slot of `recipe` can run."""
+    if recipe.aggregation not in AGGREGATIONS:
+        raise ValueError(f"recipe {recipe.name}: unknown aggregation {recipe.aggregation!r}; "
+                         f"valid: {', '.join(AGGREGATIONS)}")
+    stray = sorted(set(recipe.selection_params) - set(recipe.selection))
+    if stray:
+        raise ValueError(f"recipe {recipe.name}: selection_params for {stray}, which are not in selection "
+                         f"{list(recipe.selection)}")
+    for choice in slot_choices(recipe):
+        try:
+            choice.registry.check_params(choice.name, choice.params, shared=_SHARED[choice.registry.kind])
+            unknown = sorted(set(choice.inputs) - set(INPUTS))
+            if unknown:
+                raise ValueError(f"declares inputs {unknown} that the trainer does not provide")
+        except ValueError as error:
+            raise ValueError(f"recipe {recipe.name}: {error}") from None
+    try:
+        _dry_run(recipe)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"recipe {recipe.name}: {error}") from None
+
+
+def _synthetic_inputs(expert_rows: bool) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """A batch of 2 groups x 3 rows, 4 tokens, with ragged masks (and one expert row per group)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, width = 6, 4
+    mask = (torch.arange(width)[None] < torch.tensor([4, 2, 3, 4, 1, 3])[:, None]).float()
+    logp = -torch.rand(rows, width, generator=gen) * mask
+    off_policy = torch.tensor([False, False, True] * 2) if expert_rows else torch.zeros(rows, dtype=torch.bool)
+    inputs = {
+        "mask": mask, "token_ids": torch.randint(0, 5, (rows, width), generator=gen), "off_policy": off_policy,
+        "truncated": torch.tensor([True, False, False, False, False, False]),
+        "answer_ids": torch.tensor([0, 1, 0, 2, 2, 3]), "strata": torch.tensor([0, 0, 1, 1, 0, 1]),
+        "step": 1, "total_steps": 10, "logp": logp, "expert_logp": logp.roll(1, 0),
+        "entropy": torch.rand(rows, width, generator=gen) * mask, "values": torch.zeros(rows, width),
+        "baseline": torch.full((rows,), 0.5), "ref_logp": logp - 0.1 * mask,
+    }
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    return inputs, rewards, group_ids
+
+
+def _dry_run(recipe: Recipe) -> None:
+    inputs, rewards, group_ids = _synthetic_inputs(recipe.data != "on_policy")
+
+    def declared(choice_registry: Registry, name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {k: inputs[k] for k in choice_registry.inputs(name) if k not in drop}
+
+    advantages = compute_advantages(recipe.advantage, rewards, group_ids, **recipe.advantage_params,
+                                    **declared(ADVANTAGE_ESTIMATORS, recipe.advantage))
+    for name in recipe.selection:
+        compute_selection(name, inputs["mask"], rewards=rewards, advantages=advantages, entropy=inputs["entropy"],
+                          group_ids=group_ids, **recipe.selection_params.get(name, {}),
+                          **declared(SELECTIONS, name, drop=("entropy",)))
+    compute_policy_loss(recipe.loss, inputs["logp"].clone().requires_grad_(), inputs["logp"] + 0.05, advantages,
+                        inputs["mask"], recipe.aggregation, max_len=8, **recipe.loss_params,
+                        **declared(POLICY_LOSSES, recipe.loss))
+    MIXERS.get(recipe.mixer)(rewards=rewards, prompt_index=group_ids, off_policy=inputs["off_policy"], step=1,
+                             total_steps=10, **recipe.mixer_params)

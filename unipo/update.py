@@ -1,0 +1,194 @@
+"""The policy update: one generation batch -> `epochs` passes of `mini_batches` optimizer steps.
+
+    for each epoch:
+        shuffle the rows, split them into `mini_batches` parts
+        for each part:  zero grads; for each micro-batch: loss / part's normalisers -> backward
+                        clip, then step (or skip: a non-finite or an exactly-zero gradient)
+
+pi_old is fixed for the whole update (`old_logp`, the policy that sampled the rows), so from the
+second optimizer step on the ratio pi_theta / pi_old moves off 1 and the recipe's clip, trust
+region or importance weight acts. With one update per batch the ratio is exactly 1 and `old_logp`
+is the current log-prob, detached.
+
+Each mini-batch is normalised on its own (its token count, its sequence count, its rows x T_max),
+as verl and TRL do, and gradient accumulation inside it stays exact: every micro-batch divides by
+the mini-batch's denominator, so the micro-batch gradients sum to the mini-batch's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from unipo.config import TrainConfig
+from unipo.core.advantages import gae_returns
+from unipo.core.hybrid import chord_phi_weights
+from unipo.core.kl import kl_estimate
+from unipo.core.losses import aggregate, aggregation_denominator, compute_policy_loss, value_loss
+from unipo.slots import SlotChoice
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What every update of one batch shares: per-token weights [B, T] of the RL and SFT losses (0 = not
+    trained on), their masks, pi_old's log-probs and the reference's."""
+
+    mask: torch.Tensor
+    rl_tokens: torch.Tensor
+    sft_tokens: torch.Tensor
+    rl_mask: torch.Tensor
+    sft_mask: torch.Tensor
+    has_rl: bool
+    has_sft: bool
+    learns: bool  # any RL or SFT token, or a value head to fit
+    old_logp: torch.Tensor | None  # None: one update, the ratio is exactly 1
+    ref_logp: torch.Tensor | None
+
+    def denominators(self, rows: torch.Tensor, aggregation: str, max_len: int) -> dict[str, torch.Tensor]:
+        """The normalisers of one mini-batch (`rows`), shared by all its micro-batches."""
+        return {"rl": aggregation_denominator(self.rl_mask[rows], aggregation, max_len=max_len),
+                "sft": aggregation_denominator(self.sft_mask[rows], "token_mean"),
+                "value": aggregation_denominator(self.mask[rows], "token_mean")}
+
+
+def mini_batch_rows(n_rows: int, mini_batches: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: a random permutation split into `mini_batches` near-equal parts (all
+    rows in one part when `mini_batches` is 1), each part sorted so that a group's rows stay adjacent (the
+    forward then runs their shared prompt once)."""
+    parts = min(mini_batches, n_rows)
+    if parts <= 1:
+        return [torch.arange(n_rows)]
+    order = torch.randperm(n_rows, generator=generator)
+    return [part.sort().values for part in torch.tensor_split(order, parts)]
+
+
+# Metrics logged under their own name; every other one a loss function reports goes under "actor/".
+_PLAIN_METRICS = ("loss", "kl", "entropy", "sft_loss", "grad_norm", "value_loss", "clip_frac")
+
+
+class PolicyUpdate:
+    """Runs the update of one batch for a trainer: `PolicyUpdate(...)(batch, advantages, ...)`."""
+
+    def __init__(self, config: TrainConfig, *, forward: Callable, parameters: Callable, optimizer,
+                 loss: SlotChoice, value_head, max_len: int) -> None:
+        self.config, self.recipe = config, config.recipe
+        self.forward, self.parameters, self.optimizer = forward, parameters, optimizer
+        self.loss, self.value_head, self.max_len = loss, value_head, max_len
+
+    def plan(self, batch, selection: torch.Tensor, rl_weight: torch.Tensor, sft_weight: torch.Tensor,
+             old_logp: torch.Tensor | None, reference_logp: Callable[[], torch.Tensor] | None) -> LossPlan:
+        mask = batch.completion_mask.float()
+        rl_tokens = selection * rl_weight[:, None]
+        sft_tokens = mask * sft_weight[:, None]
+        rl_mask, sft_mask = mask * (rl_tokens > 0), mask * (sft_tokens > 0)
+        has_rl, has_sft = bool(rl_mask.any()), bool(sft_mask.any())
+        learns = has_rl or has_sft or self.value_head is not None
+        return LossPlan(mask=mask, rl_tokens=rl_tokens, sft_tokens=sft_tokens, rl_mask=rl_mask, sft_mask=sft_mask,
+                        has_rl=has_rl, has_sft=has_sft, learns=learns,
+                        old_logp=old_logp,
+                        ref_logp=reference_logp() if reference_logp is not None and learns else None)
+
+    def __call__(self, batch, plan: LossPlan, advantages: torch.Tensor, inputs: dict[str, Any],
+                 generator: torch.Generator | None) -> tuple[dict[str, Any], bool]:
+        """All updates of one batch; returns (metrics averaged over the updates, every update finite)."""
+        if not plan.learns:
+            # Selection or gating left no token to learn from: no update, and say so.
+            return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0,
+                    "actor/updates": 0.0, "actor/skipped_updates": float(self.recipe.updates_per_batch)}, True
+        r, micro = self.recipe, self.config.optim.micro_batch_size
+        totals: dict[str, torch.Tensor] = {}
+        finite, updates, skipped, attempted = True, 0, 0, 0
+        grad_norms = []
+        for _ in range(r.epochs):
+            for rows in mini_batch_rows(len(batch), r.mini_batches, generator):
+                denominators = plan.denominators(rows, r.aggregation, self.max_len)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total = plan.mask.new_zeros(())
+                for micro_rows in rows.split(micro):
+                    loss, metrics = self.micro_batch_loss(batch, micro_rows, plan, denominators, advantages, inputs)
+                    loss.backward()
+                    loss_total = loss_total + loss.detach()  # already normalised by the mini-batch
+                    share = len(micro_rows) / len(rows)
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + share * v.detach()
+                totals["loss"] = totals.get("loss", 0.0) + loss_total
+                grad_norm, outcome = self.optimizer_step(loss_total)
+                grad_norms.append(grad_norm)
+                finite = finite and outcome != "non_finite"
+                updates += outcome == "stepped"
+                skipped += outcome == "no_signal"
+                attempted += 1
+        metrics = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v / attempted for k, v in totals.items()}
+        metrics.setdefault("kl", 0.0)
+        metrics.setdefault("clip_frac", 0.0)
+        metrics["grad_norm"] = torch.stack([g.float() for g in grad_norms]).mean()
+        metrics["select/token_frac"] = plan.rl_mask.sum() / plan.mask.sum().clamp(min=1)
+        metrics["actor/updates"] = float(updates)
+        metrics["actor/skipped_updates"] = float(skipped)
+        return metrics, finite
+
+    def micro_batch_loss(self, batch, rows: torch.Tensor, plan: LossPlan, denominators: dict[str, torch.Tensor],
+                         advantages: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of `rows`, divided by their mini-batch's normalisers, and its detached metrics."""
+        r, max_len = self.recipe, self.max_len
+        out = self.forward(rows, need_entropy=True, need_hidden=self.value_head is not None)  # entropy: logged
+        logp = out.logp.float()
+        old = plan.old_logp[rows] if plan.old_logp is not None else logp.detach()
+        rl_mask, mask = plan.rl_mask[rows], plan.mask[rows]
+        loss = logp.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
+        if plan.has_rl:
+            provided = {**inputs, "entropy": out.entropy.detach(), "ref_logp": plan.ref_logp}
+            declared = {k: _rows(provided[k], rows) for k in self.loss.inputs}
+            rl_loss, metrics = compute_policy_loss(
+                r.loss, logp, old, advantages[rows], rl_mask, r.aggregation, weights=plan.rl_tokens[rows],
+                denominator=denominators["rl"], max_len=max_len, **{**r.loss_params, **declared})
+            loss = loss + rl_loss
+        if plan.has_sft:
+            phi = chord_phi_weights(logp) if r.sft_weighting == "phi" else 1.0  # CHORD-phi: p(1-p) per token
+            sft_loss, _ = compute_policy_loss("sft", logp, old, torch.ones_like(logp[:, 0]), plan.sft_mask[rows],
+                                              "token_mean", weights=plan.sft_tokens[rows] * phi,
+                                              denominator=denominators["sft"])
+            loss = loss + sft_loss
+            metrics["sft_loss"] = sft_loss.detach()
+        if plan.ref_logp is not None and r.kl_coef:
+            kl = aggregate(kl_estimate(logp, plan.ref_logp[rows], r.kl_estimator), rl_mask, r.aggregation,
+                           denominator=denominators["rl"], max_len=max_len)
+            loss = loss + r.kl_coef * kl
+            metrics["kl"] = kl.detach()
+        if r.entropy_coef:
+            loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask, r.aggregation,
+                                                     denominator=denominators["rl"], max_len=max_len)
+        if self.value_head is not None:
+            old_values = inputs["values"][rows]
+            returns = gae_returns(advantages[rows], old_values)
+            v_loss, v_metrics = value_loss(self.value_head(out.hidden), old_values, returns, mask)
+            v_loss = aggregate(v_loss, mask, "token_mean", denominator=denominators["value"])
+            loss = loss + r.value_coef * v_loss
+            metrics.update({"value_loss": v_loss.detach(), **v_metrics})
+        on_policy_tokens = mask * (~batch.off_policy[rows])[:, None]
+        metrics["entropy"] = (out.entropy.detach() * on_policy_tokens).sum() / on_policy_tokens.sum().clamp(min=1)
+        return loss, metrics
+
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Clip and step. Not stepped: a non-finite loss or gradient ("non_finite": the gradient is dropped),
+        or an exactly-zero gradient ("no_signal": no token carried signal, and AdamW's momentum and weight
+        decay would otherwise still move every weight)."""
+        parameters = list(self.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.optim.grad_clip)
+        if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, "non_finite"
+        if grad_norm == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, "no_signal"
+        self.optimizer.step()
+        return grad_norm, "stepped"
+
+
+def _rows(value: Any, rows: torch.Tensor) -> Any:
+    """`value` restricted to `rows` when it is per-row (a tensor), else as is (step counts)."""
+    return value[rows] if isinstance(value, torch.Tensor) else value
