@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RECIPES = ("grpo", "dapo", "dr_grpo", "luffy", "chord", "hpt", "ghpo", "rl_plus", "sft")
+DEFAULT_RECIPES = ("grpo", "dapo", "dr_grpo", "gspo", "cispo", "luffy", "chord", "hpt", "ghpo", "rl_plus", "calibrl",
+                   "sft")
 
 # Study-level changes to a library recipe (dataclasses.replace), reported in every output. None are
 # needed on `sort`: DAPO's 4-token overlong buffer starts punishing after 8 of the 12-token budget,
@@ -55,7 +56,7 @@ class StudyConfig:
     # RL phase: identical for every recipe
     steps: int = 200
     prompts_per_step: int = 8
-    group_size: int = 8  # rows per prompt, expert row included for luffy / rl_plus / chord / hpt
+    group_size: int = 8  # rows per prompt (luffy / rl_plus: expert row included; see group_composition)
     temperature: float = 1.0
     lr: float = 1e-4  # the best of {1e-4, 3e-4, 5e-4} for grpo (3e-4 unstable, 5e-4 collapses)
     micro_batch_size: int = 64
@@ -129,16 +130,26 @@ def study_recipe(name: str):
 
 
 def group_composition(name: str, cfg: StudyConfig) -> str:
-    """What one prompt's rows are, for the report."""
-    r, g = study_recipe(name), cfg.group_size
+    """What one prompt's rows are, and how many optimizer steps one generation batch gets, for the report."""
+    r = study_recipe(name)
+    schedule = (f"; {r.updates_per_batch} optimizer step(s) per batch "
+                f"({r.mini_batches} mini-batches x {r.epochs} epochs)")
+    return _rows_per_prompt(r, cfg.group_size) + schedule
+
+
+def _rows_per_prompt(r, g: int) -> str:
     if r.data == "expert":
         return f"{r.expert_per_group} expert trace (SFT), no rollouts"
     if r.data == "mixed":
+        if r.expert_batch_frac:
+            return (f"{g} rollouts; plus expert traces of other prompts, {r.expert_batch_frac:.0%} of the batch's "
+                    f"rows (SFT/mixer rows)")
         where = "in the advantage group" if r.expert_in_group else "outside the group (SFT/mixer rows)"
-        return f"{g - r.expert_per_group} rollouts + {r.expert_per_group} expert trace {where}"
+        rollouts = g if r.expert_in_addition else g - r.expert_per_group
+        return f"{rollouts} rollouts + {r.expert_per_group} expert trace {where}"
     extra = f"; all-fail groups re-rolled with expert-prefix hints {list(r.hint_fractions)}" \
         if r.hint_fractions else ""
-    extra += "; dynamic sampling refills with mixed-reward groups" if r.dynamic_sampling else ""
+    extra += "; dynamic sampling refills with mixed-accuracy groups" if r.dynamic_sampling else ""
     return f"{g} rollouts{extra}"
 
 
@@ -441,7 +452,7 @@ def settings_markdown(summary: dict[str, Any]) -> str:
         f"- every recipe (RL and sft): `RolloutConfig({', '.join(f'{k}={v}' for k, v in ro.items())})`, "
         f"`OptimConfig({', '.join(f'{k}={v}' for k, v in op.items())})`, recipe defaults otherwise"
         + (f"; study overrides: {summary['recipe_overrides']}" if summary["recipe_overrides"] else "") + ".",
-        "- rows per prompt and step (group size counts the expert row):",
+        "- rows per prompt and step, and updates per generation batch (each recipe's own schedule):",
         *[f"  - `{r}`: {c}" for r, c in summary["group_composition"].items()],
         f"- evaluation: the same {s['eval_problems']} held-out (test-split) problems for every run "
         f"(`evaluate_model(..., ks={tuple(s['ks'])}, seed={s['eval_seed']})`): greedy accuracy, unbiased pass@k "

@@ -11,6 +11,7 @@ too, so it is switched off). Used by `vs_trl.py` and `tests/test_trl_parity.py`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 
 import torch
@@ -52,7 +53,9 @@ def unipo_loss(model, tokenizer, recipe: str, batch, bf16: bool = False) -> tupl
     from unipo.recipes import get_recipe
     from unipo.trainer import Trainer
 
-    config = TrainConfig(recipe=get_recipe(recipe), task="addition", device="cpu", steps=1, bf16=bf16,
+    # one update on the whole batch, like TRL's single `_compute_loss` call
+    one_update = dataclasses.replace(get_recipe(recipe), mini_batches=1, epochs=1)
+    config = TrainConfig(recipe=one_update, task="addition", device="cpu", steps=1, bf16=bf16,
                          rollout=RolloutConfig(prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS),
                          optim=OptimConfig(grad_clip=float("inf"), micro_batch_size=PROMPTS * GROUP))
     trainer = Trainer(config, model=model, tokenizer=tokenizer, progress=False)

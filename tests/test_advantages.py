@@ -27,7 +27,8 @@ EPS = 1e-6
 # Names registered by this module; other modules (e.g. hybrid's calibrl) test their own entries.
 NAMES = sorted(name for name, fn in ADVANTAGE_ESTIMATORS.items() if fn.__module__ == advantages.__name__)
 NOT_GROUP_RELATIVE = {"gae", "single_stream"}  # no group baseline: the group properties do not apply
-GROUP_NAMES = [name for name in NAMES if name not in NOT_GROUP_RELATIVE]
+ENTROPY_SHAPED = {"gtpo"}  # A − 0.1·H̄: a constant group is not 0 by design
+GROUP_NAMES = [name for name in NAMES if name not in NOT_GROUP_RELATIVE | ENTROPY_SHAPED]
 T = 3  # tokens per row in token-level cases
 
 
@@ -148,8 +149,27 @@ def ref_seed_grpo(r, ids, p):
     return out
 
 
+def _on_policy_stats(r, ids, p):
+    """r − mean (/ std) with the statistics over each group's on-policy rows (a zero std counts as 1);
+    0 on the on-policy rows of a group with one on-policy value and on every row of a constant group."""
+    on = [not flag for flag in p["off_policy"].tolist()]
+    out = [0.0] * len(r)
+    for rows in _members(ids).values():
+        xs = [r[i] for i in rows if on[i]]
+        m = _mean(xs) if xs else 0.0
+        s = _std(xs) if p.get("norm_by_std") else 0.0
+        for i in rows:
+            if len({r[j] for j in rows}) == 1 or (on[i] and len(set(xs)) == 1):
+                continue
+            out[i] = (r[i] - m) / ((s if s > 0 else 1.0) + EPS) if p.get("norm_by_std") else r[i] - m
+    return out
+
+
 def ref_rl_plus_explore(r, ids, p):
-    base = ref_grpo(r, ids, p)
+    if p.get("on_policy_stats") and p.get("off_policy") is not None:
+        base = _on_policy_stats(r, ids, p)
+    else:
+        base = ref_grpo(r, ids, p) if p.get("norm_by_std") else ref_dr_grpo(r, ids, p)
     logp, mask = p["logp"].tolist(), p["mask"].tolist()
     rows = p["off_policy"].tolist() if p.get("off_policy") is not None else [a > 0 for a in base]
     out = []
@@ -159,6 +179,18 @@ def ref_rl_plus_explore(r, ids, p):
             weight = (1 - math.exp(lp)) ** p["gamma"] if rows[i] else 1.0
             line.append(a * weight * float(mask[i][t]))
         out.append(line)
+    return out
+
+
+def ref_gtpo(r, ids, p):
+    base = ref_grpo(r, ids, p) if p.get("norm_by_std") else ref_dr_grpo(r, ids, p)
+    entropy, mask = p["entropy"].tolist(), p["mask"].tolist()
+    scale, threshold = p.get("entropy_scale", 0.1), p.get("entropy_threshold", 0.7)
+    out = []
+    for i, a in enumerate(base):
+        valid = [h for h, m in zip(entropy[i], mask[i]) if m]
+        mean_entropy = sum(valid) / len(valid) if valid else 0.0
+        out.append(0.0 if threshold is not None and mean_entropy > threshold else a - scale * mean_entropy)
     return out
 
 
@@ -207,6 +239,7 @@ REFERENCES = {
     "stratified": ref_stratified,
     "seed_grpo": ref_seed_grpo,
     "rl_plus_explore": ref_rl_plus_explore,
+    "gtpo": ref_gtpo,
     "a_star": ref_a_star,
     "single_stream": ref_single_stream,
     "gae": ref_gae,
@@ -232,7 +265,12 @@ def _params_for(name: str, batch: int, gen: torch.Generator, dtype: torch.dtype 
         "stratified": lambda: {"strata": keys(2), "alpha": 0.3},
         "seed_grpo": lambda: {"answer_ids": keys(3), "alpha": 0.6},
         "rl_plus_explore": lambda: {"logp": probs.log(), "mask": mask, "gamma": 0.5,
-                                    "off_policy": torch.rand(batch, generator=gen) > 0.5},
+                                    "off_policy": torch.rand(batch, generator=gen) > 0.5,
+                                    "norm_by_std": bool(torch.rand(1, generator=gen) > 0.5),
+                                    "on_policy_stats": bool(torch.rand(1, generator=gen) > 0.5)},
+        "gtpo": lambda: {"entropy": torch.rand(batch, T, generator=gen, dtype=dtype) * 1.2, "mask": mask,
+                         **({"entropy_threshold": None, "norm_by_std": True, "entropy_scale": 0.3}
+                            if bool(torch.rand(1, generator=gen) > 0.5) else {})},
         "a_star": lambda: {"beta": 0.7},
         "single_stream": lambda: {"baseline": torch.rand(batch, generator=gen, dtype=dtype)},
         "gae": lambda: {"values": torch.randn(batch, T, generator=gen, dtype=dtype), "mask": mask,
@@ -291,12 +329,18 @@ HAND_CASES = {
     "seed_grpo": ([1.0, 1.0, 0.0, 0.0, 2.0], [0, 0, 0, 0, 1],
                   {"answer_ids": torch.tensor([7, 7, 3, 5, 1]), "alpha": 0.5},
                   [0.625 * 0.5 / (math.sqrt(1 / 3) + EPS)] * 2 + [-0.625 * 0.5 / (math.sqrt(1 / 3) + EPS)] * 2 + [0.0]),
-    # grpo = +-0.5/sqrt(.5); row 0 is positive: weights sqrt(1 - .75) = .5 and sqrt(1 - .19) = .9.
+    # r - mean = +-0.5 (the authors' script: no std); row 0 is positive: weights sqrt(1 - .75) = .5
+    # and sqrt(1 - .19) = .9.
     "rl_plus_explore": ([1.0, 0.0], [0, 0],
                         {"logp": torch.tensor([[0.75, 0.19], [0.5, 0.5]], dtype=F64).log(),
                          "mask": torch.tensor([[1, 1], [1, 0]]), "gamma": 0.5},
-                        [[0.5 * 0.5 / (math.sqrt(0.5) + EPS), 0.9 * 0.5 / (math.sqrt(0.5) + EPS)],
-                         [-0.5 / (math.sqrt(0.5) + EPS), 0.0]]),
+                        [[0.5 * 0.5, 0.9 * 0.5], [-0.5, 0.0]]),
+    # group [1, 0, 0]: r - mean = [2/3, -1/3, -1/3]; mean entropies [.3, .5, .9]: row 2 is above 0.7 -> 0;
+    # group [1, 1] is constant: 0 - 0.1 * [.2, .4].
+    "gtpo": ([1.0, 0.0, 0.0, 1.0, 1.0], [0, 0, 0, 1, 1],
+             {"entropy": torch.tensor([[0.2, 0.4], [0.5, 9.0], [0.9, 0.9], [0.2, 0.2], [0.4, 0.4]], dtype=F64),
+              "mask": torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [1, 1]])},
+             [2 / 3 - 0.03, -1 / 3 - 0.05, 0.0, -0.02, -0.04]),
     # beta = 1: V*(g0) = log((e + 1)/2); constant group g1 -> V* = 2 -> 0.
     "a_star": ([1.0, 0.0, 2.0, 2.0], [0, 0, 1, 1], {"beta": 1.0},
                [1 - math.log((math.e + 1) / 2), -math.log((math.e + 1) / 2), 0.0, 0.0]),

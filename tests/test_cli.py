@@ -52,8 +52,8 @@ def test_recipes_table_lists_every_recipe_and_show_prints_its_slots():
     shown = run("recipes", "show", "dapo")
     assert shown.exit_code == 0
     config = yaml.safe_load(shown.output)
-    assert config["loss"] == "clip_higher" and config["dynamic_sampling"] is True
-    assert config["loss_params"] == {"eps_low": 0.2, "eps_high": 0.28}
+    assert config["loss"] == "dual_clip" and config["dynamic_sampling"] is True and config["mini_batches"] == 16
+    assert config["loss_params"] == {"eps_low": 0.2, "eps_high": 0.28, "clip_ratio_c": 10.0}
 
 
 def test_train_then_eval_then_plot_then_resume(tmp_path):

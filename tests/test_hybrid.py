@@ -17,7 +17,6 @@ from unipo.core import hybrid
 from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from unipo.core.hybrid import (
     ahpo_offpolicy_weight,
-    chord_mix,
     chord_mu_schedule,
     chord_phi_weights,
     ghpo_hint_fraction,
@@ -42,8 +41,9 @@ def ppo_token(logp, old_logp, adv, eps_low, eps_high):
     return max(-ratio * adv, -clipped * adv)
 
 
-def ref_hybrid(logp, old_logp, adv, mask, off_policy, off_token, eps_low, eps_high):
-    """Token losses: 0 on padding, PPO-clip on rollout rows, `off_token(logp, old_logp, A)` on expert rows."""
+def ref_hybrid(logp, old_logp, adv, mask, off_policy, off_token, eps_low, eps_high, clip=True):
+    """Token losses: 0 on padding, PPO-clip (clip=True) or −ρ·A on rollout rows, `off_token(logp, old_logp, A)`
+    on expert rows."""
     out = []
     for i in range(len(logp)):
         row = []
@@ -53,36 +53,43 @@ def ref_hybrid(logp, old_logp, adv, mask, off_policy, off_token, eps_low, eps_hi
                 row.append(0.0)
             elif off_policy[i]:
                 row.append(off_token(logp[i][t], old_logp[i][t], a))
-            else:
+            elif clip:
                 row.append(ppo_token(logp[i][t], old_logp[i][t], a, eps_low, eps_high))
+            else:
+                row.append(-math.exp(logp[i][t] - old_logp[i][t]) * a)
         out.append(row)
     return out
 
 
-def ref_luffy(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, shaping_gamma=0.1):
+def ref_luffy(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, shaping_gamma=0.1,
+              clip_on_policy=False):
     def shaped(lp, _old, a):
         p = math.exp(lp)
         return -a * p / (p + shaping_gamma)
-    return ref_hybrid(logp, old_logp, adv, mask, off_policy, shaped, eps_low, eps_high)
+    return ref_hybrid(logp, old_logp, adv, mask, off_policy, shaped, eps_low, eps_high, clip_on_policy)
 
 
-def ref_rl_plus(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, expert_prob=1.0):
+def ref_rl_plus(logp, old_logp, adv, mask, off_policy, eps_low=0.2, eps_high=0.2, expert_prob=1.0,
+                clip_on_policy=False, explore_gamma=0.0):
     def mixture_importance(lp, old, a):
         p, p_old = math.exp(lp), math.exp(old)
         proxy = (p_old + expert_prob) / 2
-        return -a * p / (p_old / 2 + proxy / 2)
-    return ref_hybrid(logp, old_logp, adv, mask, off_policy, mixture_importance, eps_low, eps_high)
+        return -a * p / (p_old / 2 + proxy / 2) * (1 - p) ** explore_gamma
+    return ref_hybrid(logp, old_logp, adv, mask, off_policy, mixture_importance, eps_low, eps_high, clip_on_policy)
 
 
 LOSS_REFERENCES = {"luffy": ref_luffy, "rl_plus": ref_rl_plus}
+# {} is the released scripts' setting (unclipped on-policy rows); clip_on_policy=True the papers' PPO form
 LOSS_PARAMS = {
-    "luffy": [{}, {"eps_low": 0.1, "eps_high": 0.3, "shaping_gamma": 0.5}],
-    "rl_plus": [{}, {"eps_low": 0.15, "eps_high": 0.25, "expert_prob": 0.8}],
+    "luffy": [{}, {"eps_low": 0.1, "eps_high": 0.3, "shaping_gamma": 0.5, "clip_on_policy": True},
+              {"clip_on_policy": True}],
+    "rl_plus": [{}, {"eps_low": 0.15, "eps_high": 0.25, "expert_prob": 0.8, "clip_on_policy": True},
+                {"explore_gamma": 0.5}, {"clip_on_policy": True, "explore_gamma": 2.0}],
 }
 
 
-def ref_calibrl(rewards, group_ids, logp, expert_logp, off_policy=None, success_reward=1.0, negative_slope=0.5,
-                guide_coef=1.0, eps=1e-6):
+def ref_calibrl(rewards, group_ids, logp, expert_logp, off_policy=None, pass_threshold=0.1, success_reward=None,
+                norm_by_std=False, negative_slope=0.5, guide_coef=0.1, eps=1e-6):
     batch, length = len(rewards), len(logp[0])
     on = [not off_policy[i] if off_policy is not None else True for i in range(batch)]
     advantage = []
@@ -93,10 +100,11 @@ def ref_calibrl(rewards, group_ids, logp, expert_logp, off_policy=None, success_
             continue
         mean = sum(members) / len(members)
         std = math.sqrt(sum((r - mean) ** 2 for r in members) / (len(members) - 1))
-        advantage.append((rewards[i] - mean) / (std + eps))
+        advantage.append((rewards[i] - mean) / (std + eps) if norm_by_std else rewards[i] - mean)
     out = []
     for i in range(batch):
-        sign = 1.0 if rewards[i] >= success_reward else -1.0
+        correct = rewards[i] > pass_threshold if success_reward is None else rewards[i] >= success_reward
+        sign = 1.0 if correct else -1.0
         row = []
         for t in range(length):
             slope = 1.0 if sign * (expert_logp[i][t] - logp[i][t]) > 0 else negative_slope
@@ -201,7 +209,8 @@ def test_all_on_policy_batch_equals_ppo_clip(name, data):
     logp_a, logp_b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     on_only = torch.zeros(logp.shape[0], dtype=torch.bool)
     hybrid_loss, hybrid_metrics = POLICY_LOSSES.get(name)(
-        logp_a, old_logp, advantages, mask, off_policy=on_only, eps_low=eps_low, eps_high=eps_high
+        logp_a, old_logp, advantages, mask, off_policy=on_only, eps_low=eps_low, eps_high=eps_high,
+        clip_on_policy=True,
     )
     ppo_loss, ppo_metrics = POLICY_LOSSES.get("ppo_clip")(
         logp_b, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high
@@ -212,6 +221,12 @@ def test_all_on_policy_batch_equals_ppo_clip(name, data):
     torch.testing.assert_close(logp_a.grad, logp_b.grad, rtol=0, atol=0)
     for key, value in ppo_metrics.items():
         torch.testing.assert_close(hybrid_metrics[key], value)
+    # the default (the released scripts' loss_remove_clip=True) is the unclipped −ρ·A
+    unclipped, metrics = POLICY_LOSSES.get(name)(logp, old_logp, advantages, mask, off_policy=on_only)
+    adv = advantages.unsqueeze(1).expand_as(logp) if advantages.dim() == 1 else advantages
+    want = torch.where(mask, -adv * torch.exp(torch.where(mask, logp - old_logp, 0.0)), 0.0)
+    torch.testing.assert_close(unclipped, want, rtol=1e-14, atol=0)
+    assert metrics["clip_frac"] == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,31 +251,24 @@ def test_luffy_and_rl_plus_hand():
     old_logp = torch.tensor([[math.log(0.4)], [math.log(0.25)]], dtype=torch.float64)
     adv = torch.tensor([2.0, 2.0], dtype=torch.float64)
     mask, off = torch.ones(2, 1, dtype=torch.bool), torch.tensor([False, True])
-    luffy, metrics = POLICY_LOSSES.get("luffy")(logp, old_logp, adv, mask, off_policy=off)
+    luffy, metrics = POLICY_LOSSES.get("luffy")(logp, old_logp, adv, mask, off_policy=off, clip_on_policy=True)
     torch.testing.assert_close(luffy, torch.tensor([[-2.4], [-5 / 3]], dtype=torch.float64))
     assert metrics["clip_frac"] == 1.0 and metrics["off_policy_frac"] == 0.5
     torch.testing.assert_close(metrics["off_policy_prob"], torch.tensor(0.5, dtype=torch.float64))
-    rl_plus, metrics = POLICY_LOSSES.get("rl_plus")(logp, old_logp, adv, mask, off_policy=off)
+    rl_plus, metrics = POLICY_LOSSES.get("rl_plus")(logp, old_logp, adv, mask, off_policy=off, clip_on_policy=True)
     torch.testing.assert_close(rl_plus, torch.tensor([[-2.4], [-16 / 7]], dtype=torch.float64))
     torch.testing.assert_close(metrics["off_ratio_mean"], torch.tensor(8 / 7, dtype=torch.float64))
+    # Defaults (the released scripts): row 0 unclipped, −1.5·2 = −3; RL-PLUS with explore_gamma = 0.5
+    # weighs the expert token by (1 − 0.5)^0.5.
+    luffy, metrics = POLICY_LOSSES.get("luffy")(logp, old_logp, adv, mask, off_policy=off)
+    torch.testing.assert_close(luffy, torch.tensor([[-3.0], [-5 / 3]], dtype=torch.float64))
+    assert metrics["clip_frac"] == 0.0
+    rl_plus, _ = POLICY_LOSSES.get("rl_plus")(logp, old_logp, adv, mask, off_policy=off, explore_gamma=0.5)
+    torch.testing.assert_close(rl_plus, torch.tensor([[-3.0], [-16 / 7 * math.sqrt(0.5)]], dtype=torch.float64))
     # LUFFY's off-policy gradient: d/dlogp of −A·p/(p+γ) = −A·γ·p/(p+γ)² = −2·0.1·0.5/0.36
     logp.requires_grad_(True)
     POLICY_LOSSES.get("luffy")(logp, old_logp, adv, mask, off_policy=off)[0][1, 0].backward()
     torch.testing.assert_close(logp.grad[1, 0], torch.tensor(-0.1 / 0.36, dtype=torch.float64))
-
-
-def test_chord_mix_hand_and_gradcheck():
-    assert float(chord_mix(torch.tensor(2.0), torch.tensor(4.0), 0.25)) == 2.5  # 0.75·2 + 0.25·4
-    mixed = chord_mix(torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0]), torch.tensor(0.5))
-    torch.testing.assert_close(mixed, torch.tensor([3.0, 5.0]))
-    rl = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    sft = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    mu = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(chord_mix, (rl, sft, mu))
-    with pytest.raises(ValueError):
-        chord_mix(torch.tensor(1.0), torch.tensor(1.0), 1.5)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        chord_mix(torch.zeros(2), torch.zeros(3), 0.5)
 
 
 def test_chord_mu_schedule_hand():
@@ -349,15 +357,28 @@ def test_calibrl_hand():
     #                            t=1 gap 0 -> damped: Â = −√0.5 − 0.5·√0.5 = −1.5·√0.5
     #   row 2 (expert): 0
     # Group 1: rewards [1, 1] are equal -> A = 0 -> Â = 0.
+    # (The paper's std-normalised form with guide weight 1; the defaults are checked below.)
     logp = torch.full((5, 2), -1.0, dtype=torch.float64)
-    got = compute_advantages(
-        "calibrl", torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1]),
-        logp=logp, expert_logp=logp - torch.tensor([0.1, 0.0], dtype=torch.float64),
-        off_policy=torch.tensor([False, False, True, False, False]), eps=0.0,
-    )
+    rewards, group_ids = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1])
+    inputs = {"logp": logp, "expert_logp": logp - torch.tensor([0.1, 0.0], dtype=torch.float64),
+              "off_policy": torch.tensor([False, False, True, False, False])}
+    got = compute_advantages("calibrl", rewards, group_ids, **inputs, eps=0.0, norm_by_std=True, guide_coef=1.0)
     root = math.sqrt(0.5)
     want = [[1.5 * root] * 2, [-2 * root, -1.5 * root], [0.0] * 2, [0.0] * 2, [0.0] * 2]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # Defaults (the authors' released script): A = r − mean = ±0.5, guide weight 0.1:
+    #   row 0: 0.5 + 0.1·0.5·0.5 = 0.525; row 1: −0.5 − 0.1·0.5 = −0.55 at t=0, −0.5 − 0.1·0.5·0.5 = −0.525 at t=1
+    got = compute_advantages("calibrl", rewards, group_ids, **inputs)
+    want = [[0.525] * 2, [-0.55, -0.525], [0.0] * 2, [0.0] * 2, [0.0] * 2]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # "correct" is reward > 0.1 by default (0.5 counts), reward >= success_reward when given
+    half = torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64)
+    three = {"logp": logp[:3], "expert_logp": logp[:3], "off_policy": torch.tensor([False, False, True])}
+    signs = compute_advantages("calibrl", half, group_ids[:3], **three, guide_coef=1.0, negative_slope=1.0)
+    torch.testing.assert_close(signs[:, 0], torch.tensor([0.5, -0.25 + 0.25, 0.0], dtype=torch.float64))
+    signs = compute_advantages("calibrl", half, group_ids[:3], **three, guide_coef=1.0, negative_slope=1.0,
+                               success_reward=1.0)
+    torch.testing.assert_close(signs[:, 0], torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="off_policy must be a bool"):
         compute_advantages("calibrl", torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.long),
                            logp=logp, expert_logp=logp, off_policy=torch.zeros(5))
@@ -372,7 +393,9 @@ def test_calibrl_matches_loop_reference(seed):
     logp = -torch.rand(batch, length, generator=g, dtype=torch.float64) * 2
     expert_logp = -torch.rand(batch, length, generator=g, dtype=torch.float64) * 2
     off = (torch.rand(batch, generator=g) < 0.3) if seed % 2 else None
-    params = {"success_reward": 0.5, "negative_slope": 0.2, "guide_coef": 0.7} if seed >= 2 else {}
+    params = [{}, {"norm_by_std": True, "guide_coef": 1.0, "success_reward": 1.0},
+              {"success_reward": 0.5, "negative_slope": 0.2, "guide_coef": 0.7, "norm_by_std": True},
+              {"pass_threshold": 0.6, "negative_slope": 0.2}][seed]
     got = compute_advantages(
         "calibrl", rewards, group_ids, logp=logp, expert_logp=expert_logp, off_policy=off, **params
     )

@@ -144,6 +144,11 @@ def ref_reinforce(logp, old, adv, mask, b, t):
 
 
 @_per_token
+def ref_unclipped(logp, old, adv, mask, b, t):
+    return -_adv(adv, b, t) * torch.exp(logp[b, t] - old[b, t])
+
+
+@_per_token
 def ref_sft(logp, old, adv, mask, b, t):
     return -logp[b, t]
 
@@ -160,6 +165,7 @@ REFERENCES = {
     "ppo_clip": ref_ppo_clip, "clip_higher": ref_clip_higher, "dual_clip": ref_dual_clip, "gspo": ref_gspo,
     "gspo_token": ref_gspo_token, "dhpo": ref_dhpo, "cpgd": ref_cpgd, "simple_po": ref_simple_po,
     "cispo": ref_cispo, "reinforce": ref_reinforce, "sft": ref_sft, "a_star_po": ref_a_star_po,
+    "unclipped": ref_unclipped,
 }
 
 
@@ -177,6 +183,9 @@ def ref_aggregate(per_token, mask, mode, max_len=None):
                 row_means.append(sum(per_token[b][t] * float(mask[b, t]) for t in range(T)) / n)
         return sum(row_means) / len(row_means) if row_means else torch.zeros((), dtype=F64)
     total = sum(per_token[b][t] * float(mask[b, t]) for b in range(B) for t in range(T))
+    if mode == "seq_mean_token_sum":
+        rows = sum(1 for b in range(B) if any(bool(mask[b, t]) for t in range(T)))
+        return total / rows if rows else torch.zeros((), dtype=F64)
     return total / (B * (max_len or T))
 
 
@@ -214,6 +223,7 @@ def params_for(name, extra, variant=0):
         "simple_po": [{}, {"eps": 0.1}],
         "cispo": [{}, {"eps_low": 0.1, "eps_high": 0.1}],
         "reinforce": [{}, {}],
+        "unclipped": [{}, {}],
         "sft": [{}, {}],
         "a_star_po": [{"ref_logp": extra["ref_logp"]}, {"ref_logp": extra["ref_logp"], "beta": 0.3}],
     }
@@ -331,6 +341,8 @@ HAND_CASES = [
     ("cispo", {}, 1.0, NEW, OLD, [1.5410852, 0.8047190]),
     # reinforce A=2: −2·log 0.3 = 2.4079456; −2·log 0.2 = 3.2188758
     ("reinforce", {}, 2.0, NEW, OLD, [2.4079456, 3.2188758]),
+    # unclipped A=−1: ρ·1 = [1.5, 0.5] (no clip on either side)
+    ("unclipped", {}, -1.0, NEW, OLD, [1.5, 0.5]),
     # sft ignores A: −log 0.3 = 1.2039728; −log 0.2 = 1.6094379
     ("sft", {}, 5.0, NEW, OLD, [1.2039728, 1.6094379]),
     # a_star_po β=0.5, ref = [0.25, 0.1]: Σ log-ratio = log 1.2 + log 2 = 0.8754687; 0.5·0.8754687 − 1 = −0.5622656;
@@ -375,6 +387,8 @@ def test_aggregation_hand_computed():
     torch.testing.assert_close(aggregate(per_token, mask, "token_mean"), torch.tensor(2.5, dtype=F64))
     # seq_mean_token_mean: row means 2 and 4, the all-masked row is not counted → 3
     torch.testing.assert_close(aggregate(per_token, mask, "seq_mean_token_mean"), torch.tensor(3.0, dtype=F64))
+    # seq_mean_token_sum: row sums 6 and 4 over the 2 non-empty rows → 5
+    torch.testing.assert_close(aggregate(per_token, mask, "seq_mean_token_sum"), torch.tensor(5.0, dtype=F64))
     # seq_mean_token_sum_norm: 10 / (3 rows · T=3) = 1.111..; with max_len=5: 10 / 15
     torch.testing.assert_close(aggregate(per_token, mask, "seq_mean_token_sum_norm"), torch.tensor(10 / 9, dtype=F64))
     torch.testing.assert_close(aggregate(per_token, mask, "seq_mean_token_sum_norm", max_len=5),
@@ -408,7 +422,8 @@ def test_weights_scale_loss_and_drop_zero_weight_tokens_from_denominator():
 def test_aggregation_errors():
     per_token = torch.zeros(2, 3, dtype=F64)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="valid: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"):
+    with pytest.raises(ValueError, match="valid: token_mean, seq_mean_token_mean, seq_mean_token_sum, "
+                                         "seq_mean_token_sum_norm"):
         aggregate(per_token, mask, "sum")
     with pytest.raises(ValueError, match="max_len"):
         aggregate(per_token, mask, "seq_mean_token_sum_norm", max_len=2)
@@ -606,3 +621,14 @@ def test_value_loss_hand_computed_and_reference():
     assert torch.autograd.gradcheck(lambda x: value_loss(x, old_values, returns, mask)[0], (values,))
     with pytest.raises(ValueError, match="returns"):
         value_loss(values, old_values, returns.clone().fill_(float("inf")), mask)
+
+
+def test_cpgd_drift_clip_caps_the_drift_gradient_at_c():
+    """The authors' drift term α·sg(min(ρ − 1, c))·logp: with A = 0 its gradient is α·min(ρ − 1, c) per token."""
+    old = torch.log(torch.tensor([[0.1, 0.5, 0.2]], dtype=F64))
+    logp = torch.log(torch.tensor([[0.5, 0.55, 0.2]], dtype=F64)).requires_grad_()  # ρ = 5, 1.1, 1
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, _ = compute_policy_loss("cpgd", logp, old, torch.zeros(1, dtype=F64), mask, "token_mean",
+                                  drift_coef=0.001, drift_clip=2.0)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.002, 0.0001, 0.0]], dtype=F64) / 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -96,8 +97,11 @@ def test_ghpo_hints_only_groups_where_every_rollout_failed():
             assert not hinted.any(), "a group with successes must not get a hint"
         else:
             assert hinted.all(), "an all-fail group is re-rolled with a hint"
-            assert all(batch.texts[int(i)].startswith("Z") for i in rows)  # scored text includes the hint
-            assert torch.all(batch.rewards[rows] == 1.0)
+            for i in rows.tolist():
+                # the hint sits in the user message after GHPO's sentence; the scored text is the completion alone
+                prompt_text = trainer.tokenizer.decode(batch.prompt_ids[i][batch.prompt_mask[i].bool()])
+                assert prompt_text.endswith(trainer.recipe.hint_template.format(hint="Z")), prompt_text
+                assert batch.rewards[i] == float(batch.texts[i].startswith("Z"))
 
 
 def test_hpt_gate_sends_failed_prompts_to_sft_and_others_to_rl():
@@ -138,16 +142,23 @@ def test_ppo_value_loss_decreases_on_a_fixed_batch():
 
 
 def test_single_stream_baseline_tracks_each_prompt():
-    trainer = make_trainer("single_stream", group=1)
+    trainer = make_trainer("single_stream", group=1, mini_batches=1)  # one update: D = 0, rho at its cap 0.96
     trainer.train_step()
     assert len(trainer.tracker.state) == 6
     for alpha, beta in trainer.tracker.state.values():
-        assert alpha + beta == pytest.approx(0.96 * 2 + 1)  # rho * prior mass + one observation
+        assert alpha + beta == pytest.approx(0.96 * 1 + 1)  # rho * prior mass (Beta(0.5, 0.5)) + one observation
 
 
 def test_every_recipe_documents_its_paper_and_mechanism():
     for recipe in RECIPES.values():
         assert recipe.summary and recipe.paper, recipe.name
+        assert re.search(r"arXiv \d{4}\.\d{4,5}", recipe.paper), f"{recipe.name} cites no arXiv id: {recipe.paper!r}"
+
+
+def test_the_citation_check_rejects_a_paper_without_an_arxiv_id():
+    with pytest.raises(AssertionError, match="cites no arXiv id"):
+        for recipe in [dataclasses.replace(get_recipe("grpo"), paper="DHPO (seed 000)")]:
+            assert re.search(r"arXiv \d{4}\.\d{4,5}", recipe.paper), f"{recipe.name} cites no arXiv id"
 
 
 def test_dapo_overlong_penalty_spares_answers_that_end_in_time():

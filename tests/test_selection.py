@@ -91,10 +91,11 @@ def ref_high_entropy_tokens(batch, rho=0.2):
     return [[1.0 if (i, t) in keep else 0.0 for t in range(len(mask[0]))] for i in range(len(mask))]
 
 
-def ref_cppo(batch, keep=0.5):
+def ref_cppo(batch, keep=0.5, scope="group"):
     mask, seq_adv, _ = lists(batch)
     kept_rows = set()
-    for members in groups_of(batch["group_ids"].tolist()).values():
+    groups = groups_of(batch["group_ids"].tolist()) if scope == "group" else {0: list(range(len(mask)))}
+    for members in groups.values():
         k = min(keep, len(members)) if isinstance(keep, int) else exact_ceil(keep, len(members))
         ranked = sorted(members, key=lambda i: (-abs(seq_adv[i]), i))
         kept_rows.update(ranked[:k])
@@ -128,25 +129,58 @@ def ref_d3s(batch, sample_ratio=0.5, token_ratio=0.2, scope="group"):
     return [[1.0 if (i, t) in keep else 0.0 for t in range(len(mask[0]))] for i in range(len(mask))]
 
 
-def ref_gtpo(batch, token_ids, entropy_threshold=0.7, positive_conflict_weight=2.0):
+def ref_gtpo(batch, token_ids, entropy_threshold=0.7, positive_conflict_weight=2.0, conflict_scope="runs",
+             divide_by_conflicts=True, sign_from="rewards"):
     mask, seq_adv, _ = lists(batch)
     gids, tokens = batch["group_ids"].tolist(), token_ids.tolist()
+    if sign_from == "rewards":  # r − group mean, 0 for a group of equal rewards
+        rewards = batch["rewards"].double().tolist()
+        sign = []
+        for i in range(len(mask)):
+            members = [rewards[j] for j in range(len(mask)) if gids[j] == gids[i]]
+            sign.append(0.0 if len(set(members)) == 1 else rewards[i] - sum(members) / len(members))
+    else:
+        sign = seq_adv
     entropy = batch["entropy"].double().tolist() if batch["entropy"] is not None else None
+
+    def place(j, t, from_end):  # position from the start, or number of later valid tokens
+        return sum(mask[j][t + 1:]) if from_end else t
+
+    def matches(i, t, from_end):
+        same = [j for j in range(len(mask)) if gids[j] == gids[i] and any(
+            mask[j][s] and tokens[j][s] == tokens[i][t] and place(j, s, from_end) == place(i, t, from_end)
+            for s in range(len(mask[j])))]
+        return any(sign[j] > 0 for j in same) and any(sign[j] < 0 for j in same)
+
+    def run(i, from_end):
+        order = [t for t, m in enumerate(mask[i]) if m]
+        found = set()
+        for t in (reversed(order) if from_end else order):
+            if not matches(i, t, from_end):
+                break
+            found.add(t)
+        return found
+
     out = []
     for i, row in enumerate(mask):
+        if conflict_scope == "any":
+            leading = {t for t, m in enumerate(row) if m and matches(i, t, False)}
+            trailing = set()
+        else:
+            leading, trailing = run(i, False), run(i, True)
+        conflicts = (leading | trailing) if sign[i] != 0 else set()
         weights = []
         for t, m in enumerate(row):
             if not m:
                 weights.append(0.0)
-                continue
-            same = [j for j in range(len(mask)) if gids[j] == gids[i] and mask[j][t] and tokens[j][t] == tokens[i][t]]
-            conflict = any(seq_adv[j] > 0 for j in same) and any(seq_adv[j] < 0 for j in same)
-            if conflict and seq_adv[i] < 0:
+            elif t in conflicts and sign[i] < 0:
                 weights.append(0.0)
-            elif conflict and seq_adv[i] > 0:
-                weights.append(positive_conflict_weight)
+            elif t in conflicts and sign[i] > 0:
+                weights.append(positive_conflict_weight ** ((t in leading) + (t in trailing)))
             else:
                 weights.append(1.0)
+        if divide_by_conflicts:
+            weights = [w / max(len(conflicts), 1) for w in weights]
         if entropy_threshold is not None and row_mean(entropy[i], row) > entropy_threshold:
             weights = [0.0] * len(row)
         out.append(weights)
@@ -185,14 +219,24 @@ RANDOM_PARAMS = {
     "dynamic_sampling": lambda b, g: [{}],
     "overlong_filter": lambda b, g: [{"truncated": torch.rand(b, generator=g) < 0.3}],
     "high_entropy_tokens": lambda b, g: [{}, {"rho": 0.35}, {"rho": 1.0}],
-    "cppo": lambda b, g: [{}, {"keep": 2}, {"keep": 0.75}],
+    "cppo": lambda b, g: [{}, {"keep": 2}, {"keep": 0.75}, {"keep": 0.5, "scope": "batch"}],
     "d3s": lambda b, g: [{"sample_ratio": 0.6}, {"sample_ratio": 0.6, "token_ratio": 0.5, "scope": "batch"}],
     "gtpo": lambda b, g: [
-        {"token_ids": torch.randint(0, 3, (b, 6), generator=g)},
+        {"token_ids": torch.randint(0, 3, (b, 6), generator=g)},  # the authors' code
+        {"token_ids": torch.randint(0, 2, (b, 6), generator=g)},
+        {  # the paper's text, signs from the given advantages
+            "token_ids": torch.randint(0, 3, (b, 6), generator=g),
+            "conflict_scope": "any", "divide_by_conflicts": False, "sign_from": "advantages",
+        },
         {
             "token_ids": torch.randint(0, 2, (b, 6), generator=g),
             "entropy_threshold": None,
             "positive_conflict_weight": 1.5,
+            "conflict_scope": "any", "divide_by_conflicts": False, "sign_from": "advantages",
+        },
+        {
+            "token_ids": torch.randint(0, 2, (b, 6), generator=g),
+            "entropy_threshold": None, "positive_conflict_weight": 3.0, "sign_from": "advantages",
         },
     ],
     "egsw": lambda b, g: [{}, {"alpha": 0.7, "temperature": 0.5}],
@@ -280,7 +324,7 @@ def test_shape_and_param_errors():
         select("nope", batch)
     with pytest.raises(ValueError, match=r"unknown params \['rhoo'\]"):
         select("high_entropy_tokens", batch, rhoo=0.1)
-    with pytest.raises(ValueError, match=r"missing params \['token_ids'\]"):
+    with pytest.raises(ValueError, match=r"needs the batch inputs \['token_ids'\]"):
         select("gtpo", batch)
     with pytest.raises(ValueError, match=r"rewards must be \[B\]"):
         select("none", {**batch, "rewards": batch["rewards"][:-1]})
@@ -356,6 +400,11 @@ def test_hand_cppo():
     # fraction 0.5 of a group of 2 = 1 row; ties in |A| go to the lower row index
     tied = torch.tensor([0.4, -0.4, 0.1, 0.1])
     assert hand("cppo", rewards, tied, keep=0.5).tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]]
+    # scope="batch" (the authors' code): the 2 largest |A| of all 4 rows, wherever their group
+    assert hand("cppo", rewards, adv, keep=0.5, scope="batch").tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0],
+                                                                           [1, 1, 1]]
+    assert hand("cppo", rewards, tied, keep=0.5, scope="batch").tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0],
+                                                                            [0, 0, 0]]
 
 
 def test_hand_d3s():
@@ -380,8 +429,31 @@ def test_hand_gtpo():
     # positive row, no conflict. Row 3 has mean entropy 0.8 > 0.7 -> dropped.
     token_ids = torch.tensor([[7, 8, 0], [7, 9, 8], [7, 0, 0], [7, 8, 8]])
     entropy = torch.tensor([[0.1, 0.2, 5.0], [0.3, 0.3, 0.3], [0.1, 5.0, 5.0], [0.8, 0.8, 0.8]])
-    weights = hand("gtpo", torch.zeros(4), torch.tensor([1.0, -1.0, 0.0, -0.5]), entropy, token_ids=token_ids)
+    # (The paper's text: conflicts anywhere, signs from the advantages, no division by the count.)
+    weights = hand("gtpo", torch.zeros(4), torch.tensor([1.0, -1.0, 0.0, -0.5]), entropy, token_ids=token_ids,
+                   conflict_scope="any", divide_by_conflicts=False, sign_from="advantages")
     assert weights.tolist() == [[2, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]]
+
+
+def test_hand_gtpo_authors_code():
+    # Defaults = the authors' code: signs from r − group mean (the advantages given are ignored),
+    # conflicts only in the leading run (same position) and the trailing run (same distance from
+    # the last valid token), weight 2 per run on positive rows, 0 on negative rows, each row
+    # divided by its number of conflict tokens.
+    # Group 0, rewards [1, 0, 1]: rows 0, 2 positive, row 1 negative.
+    #   row 0 [5, 6, 7]: leading {t0} (5 at 0 in row 1), trailing {t2} (last token 7 in row 1)
+    #                    -> [2, 1, 2] / 2 conflicts = [1, .5, 1]
+    #   row 1 [5, 8, 7]: leading {t0}, trailing {t2} -> [0, 1, 0] / 2 = [0, .5, 0]
+    #   row 2 [9, 7]:    no leading run (9 vs 5); trailing {t1} (last 7, as row 1's last) -> [1, 2] / 1;
+    #                    the paper's any-position rule would not match it (row 1 has 8 at t1)
+    # Group 1, rewards [1, 0], identical [4, 4]: every token is in both runs -> 2·2 = 4 on the
+    # positive row, / 2 conflicts = 2; 0 on the negative row.
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    token_ids = torch.tensor([[5, 6, 7], [5, 8, 7], [9, 7, 0], [4, 4, 0], [4, 4, 0]])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    weights = compute_selection("gtpo", mask, rewards=rewards, advantages=torch.zeros(5), entropy=torch.zeros(5, 3),
+                                group_ids=torch.tensor([0, 0, 0, 1, 1]), token_ids=token_ids)
+    assert weights.tolist() == [[1, 0.5, 1], [0, 0.5, 0], [1, 2, 0], [2, 2, 0], [0, 0, 0]]
 
 
 def test_hand_egsw():

@@ -1,8 +1,9 @@
 """Rollout collection: prompts -> completions (rollouts, expert traces, hinted re-rolls) -> rewards.
 
 Produces one `RolloutBatch`, the typed record that travels from collection to the update.
-Which rows exist is the recipe's data-source slot: `G - expert_per_group` rollouts per prompt,
-`expert_per_group` copies of the task's demonstration, GHPO hints for groups that all failed,
+Which rows exist is the recipe's data-source slot: `G - expert_per_group` rollouts per prompt (or G,
+with `expert_in_addition`), `expert_per_group` copies of the task's demonstration, or demonstrations of
+other prompts as a fraction of the batch (`expert_batch_frac`), GHPO hints for groups that all failed,
 and DAPO's dynamic sampling refill. No algorithm is named here.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from unipo.config import Recipe, RolloutConfig
-from unipo.core.hybrid import ghpo_needs_hint
+from unipo.core.hybrid import ghpo_hint_fraction, ghpo_needs_hint
 from unipo.core.selection import informative_groups, overlong_reward_penalty
 from unipo.models import format_prompt
 from unipo.rollout import generate, pad_sequences
@@ -38,7 +39,7 @@ class RolloutBatch:
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     answer_ids: torch.Tensor  # (B,) cluster id of the extracted final answer
     hinted: torch.Tensor  # (B,) bool: rolled out with a GHPO hint in the prompt
-    texts: list[str]  # completion text as scored (hint included)
+    texts: list[str]  # completion text as scored (a GHPO hint is part of the prompt, not of this)
     prompts: list[str]  # the task prompt of each row (the key of per-prompt state)
     reward_errors: int = 0
 
@@ -101,7 +102,7 @@ class RolloutCollector:
     # -- public -------------------------------------------------------------------------
     def collect(self, *, seed: int, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """One step's batch; with dynamic sampling, refilled with informative groups."""
-        want = self.cfg.prompts_per_step
+        want = math.ceil(self.recipe.prompt_multiplier * self.cfg.prompts_per_step)
         kept: list[RolloutBatch] = []
         n_groups = tries = generated_groups = 0
         while n_groups < want:
@@ -110,7 +111,9 @@ class RolloutCollector:
             generated_groups += len(problems)
             if self.recipe.dynamic_sampling:
                 on = ~batch.off_policy
-                informative = informative_groups(batch.rewards[on], batch.prompt_index[on])
+                # DAPO filters on accuracy (its `metric: acc`), not on the shaped reward: an overlong
+                # penalty must not make an all-correct group look informative.
+                informative = informative_groups(batch.correct[on].float(), batch.prompt_index[on])
                 good_prompts = batch.prompt_index[on][informative].unique()
                 batch = batch.rows(torch.isin(batch.prompt_index, good_prompts))
             if len(batch):
@@ -130,6 +133,8 @@ class RolloutCollector:
         private = batch.group_ids < 0  # expert rows kept out of the rollouts' group
         batch.prompt_index = renumber
         batch.group_ids = torch.where(private, -(renumber + 1), renumber)
+        if self.recipe.expert_batch_frac:
+            batch = RolloutBatch.concat([batch, self._separate_expert_rows(len(batch), seed, step, len(prompts))])
         return batch, stats
 
     # -- internals ----------------------------------------------------------------------
@@ -140,9 +145,15 @@ class RolloutCollector:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def _rollout(self, problems: list[Problem], first_index: int) -> RolloutBatch:
-        n_expert = self.recipe.expert_per_group
-        n_policy = self.cfg.group_size - n_expert if self.recipe.data == "mixed" else (
-            0 if self.recipe.data == "expert" else self.cfg.group_size)
+        r, n_expert = self.recipe, self.recipe.expert_per_group
+        if r.data == "expert":
+            n_policy = 0
+        elif r.data == "on_policy" or r.expert_in_addition or r.expert_batch_frac:
+            n_policy = self.cfg.group_size
+        else:
+            n_policy = self.cfg.group_size - n_expert
+        if r.expert_batch_frac:
+            n_expert = 0  # the expert rows come from other prompts (`_separate_expert_rows`)
         prompts = [self._encode_prompt(p.prompt) for p in problems]
         parts = []
         if n_policy:
@@ -159,39 +170,41 @@ class RolloutCollector:
 
     def _sample(self, problems, prompts, which: list[int], n: int, first_index: int,
                 hints: list[str] | None = None) -> RolloutBatch:
-        """n rollouts for each prompt in `which` (optionally with a hint appended to it)."""
-        hints = hints or [""] * len(which)
-        prompt_tokens = [prompts[i] + (self.tokenizer(h, add_special_tokens=False)["input_ids"] if h else [])
-                         for i, h in zip(which, hints)]
+        """n rollouts for each prompt in `which`; with `hints`, each hint goes into the user message after the
+        recipe's `hint_template` sentence (GHPO), and only the completion is scored and trained on."""
+        if hints:
+            prompt_tokens = [self._encode_prompt(problems[i].prompt + self.recipe.hint_template.format(hint=h))
+                             for i, h in zip(which, hints)]
+        else:
+            prompt_tokens = [prompts[i] for i in which]
         gen = generate(self.model, prompt_tokens, group_size=n, max_new_tokens=self.max_new_tokens,
                        eos_token_id=self.eos_id, pad_token_id=self.pad_id, temperature=self.cfg.temperature,
                        top_p=self.cfg.top_p, generator=self.generator)
         texts = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
         row_problem = [problems[i] for i in which for _ in range(n)]
-        row_hint = [h for h in hints for _ in range(n)]
-        full_texts = [h + t for h, t in zip(row_hint, texts)]
-        scores, errors = score_completions(self.task, row_problem, full_texts)
-        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
-        correct = rewards >= 1.0
+        rewards, correct, errors = self._score(row_problem, texts,
+                                               gen.truncated if self.recipe.zero_truncated else None)
         if self.recipe.overlong_buffer_frac:
             lengths = gen.completion_mask.sum(1)
             buffer = math.ceil(self.recipe.overlong_buffer_frac * self.max_new_tokens)
             rewards = rewards + overlong_reward_penalty(lengths, self.max_new_tokens, buffer).to(rewards.dtype)
         prompt_index = torch.tensor([first_index + i for i in which for _ in range(n)], device=self.device)
-        rows = len(full_texts)
+        rows = len(texts)
         return RolloutBatch(
             prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, completion_ids=gen.completion_ids,
             completion_mask=gen.completion_mask, sampling_logp=gen.sampling_logp, rewards=rewards,
             correct=correct, group_ids=prompt_index.clone(), prompt_index=prompt_index,
             off_policy=torch.zeros(rows, dtype=torch.bool, device=self.device), truncated=gen.truncated,
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
-            hinted=torch.full((rows,), bool(hints[0]), device=self.device), texts=full_texts,
+            hinted=torch.full((rows,), bool(hints), device=self.device), texts=texts,
             prompts=[p.prompt for p in row_problem], reward_errors=errors)
 
     def _hint_failed_groups(self, problems, prompts, batch: RolloutBatch, n: int, first_index: int) -> RolloutBatch:
         """GHPO (arXiv 2507.10628): re-roll groups where every rollout failed, with a growing
-        prefix of the expert solution appended to the prompt, until some rollout succeeds."""
-        for fraction in self.recipe.hint_fractions:
+        prefix of the expert solution given as a hint in the user message, until some rollout succeeds."""
+        schedule = self.recipe.hint_fractions
+        for level in range(1, len(schedule) + 1):
+            fraction = ghpo_hint_fraction(level, schedule)
             failed = ghpo_needs_hint(batch.correct.float(), batch.prompt_index)
             failed_prompts = sorted(set((batch.prompt_index[failed] - first_index).tolist()))
             failed_prompts = [i for i in failed_prompts if problems[i].demonstration]
@@ -210,8 +223,7 @@ class RolloutCollector:
         prompt_ids, prompt_mask = pad_sequences(prompt_rows, self.pad_id, left=True, device=self.device)
         completion_ids, completion_mask = pad_sequences(completion, self.pad_id, left=False, device=self.device)
         texts = [d for d in demos for _ in range(n)]
-        scores, errors = score_completions(self.task, [p for p in problems for _ in range(n)], texts)
-        rewards = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        rewards, correct, errors = self._score([p for p in problems for _ in range(n)], texts)
         prompt_index = torch.tensor([first_index + i for i in range(len(problems)) for _ in range(n)],
                                     device=self.device)
         # Expert rows outside the group get a private (negative) group: advantage 0, no
@@ -221,12 +233,33 @@ class RolloutCollector:
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampling_logp=torch.zeros(completion_ids.shape, device=self.device),
-            rewards=rewards, correct=rewards >= 1.0, group_ids=group_ids, prompt_index=prompt_index,
+            rewards=rewards, correct=correct, group_ids=group_ids, prompt_index=prompt_index,
             off_policy=torch.ones(rows, dtype=torch.bool, device=self.device),
             truncated=torch.zeros(rows, dtype=torch.bool, device=self.device),
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
             hinted=torch.zeros(rows, dtype=torch.bool, device=self.device), texts=texts,
             prompts=[p.prompt for p in problems for _ in range(n)], reward_errors=errors)
+
+    def _score(self, problems: list[Problem], texts: list[str],
+               zeroed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(rewards on the recipe's scale, correct = full marks, scorer errors) of `texts`; rows in `zeroed`
+        score 0."""
+        scores, errors = score_completions(self.task, problems, texts)
+        score = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        if zeroed is not None:
+            score = torch.where(zeroed, torch.zeros_like(score), score)
+        rewards = 2.0 * score - 1.0 if self.recipe.reward_scale == "signed" else score
+        return rewards, score >= 1.0, errors
+
+    def _separate_expert_rows(self, n_rollouts: int, seed: int, step: int, first_index: int) -> RolloutBatch:
+        """Demonstrations of other training prompts, `expert_batch_frac` of the step's rows (CHORD mixes its
+        SFT set into every batch at a ratio): each its own prompt, outside every advantage group."""
+        frac = self.recipe.expert_batch_frac
+        n = max(1, round(frac / (1.0 - frac) * n_rollouts))
+        problems = self.task.sample(n, seed=_mix_seed(seed, step, 10_007), split="train")
+        rows = self._expert_rows(problems, [self._encode_prompt(p.prompt) for p in problems], 1, first_index)
+        rows.group_ids = -(rows.prompt_index + 1)
+        return rows
 
     def _empty(self) -> RolloutBatch:
         z = torch.zeros((0, 1), dtype=torch.long, device=self.device)
@@ -236,7 +269,8 @@ class RolloutCollector:
 
 
 def _hint(demonstration: str, fraction: float) -> str:
-    return demonstration[: math.ceil(fraction * len(demonstration))]
+    """The first `fraction` of the solution's characters, rounded as GHPO's code does (Python's round)."""
+    return demonstration[: round(fraction * len(demonstration))]
 
 
 def _mix_seed(seed: int, step: int, attempt: int) -> int:

@@ -44,7 +44,19 @@ class Recipe:
     data: str = "on_policy"
     expert_per_group: int = 0  # rows of each group that are expert traces (data != on_policy)
     expert_in_group: bool = True  # expert rows share the group's advantage baseline (LUFFY)
+    # False: the expert rows take `expert_per_group` of the group's G slots (LUFFY's 7 + 1 of 8).
+    # True: G rollouts plus the expert rows (HPT's gate counts a full group of rollouts).
+    expert_in_addition: bool = False
+    # > 0: the expert rows are demonstrations of OTHER training prompts, this fraction of the step's rows
+    # (CHORD's separate SFT set mixed into every batch), instead of `expert_per_group` rows per group.
+    expert_batch_frac: float = 0.0
     hint_fractions: tuple[float, ...] = ()  # GHPO: growing expert-prefix hints for all-fail groups
+    # GHPO's hint: appended to the user message after this sentence (the assistant turn stays the model's)
+    hint_template: str = "\n The following text is the beginning part of the answer, which you can refer to for " \
+                         "solving the problem:\n{hint}"
+    prompt_multiplier: float = 1.0  # sample ceil(m * prompts_per_step) prompts a step (CPPO refills pruned slots)
+    zero_truncated: bool = False  # a completion cut off at the budget scores 0, whatever it says (Dr. GRPO's code)
+    reward_scale: str = "unit"  # "unit": the task's score in [0, 1]; "signed": 2*score - 1 in [-1, 1] (DAPO's)
     # advantage
     advantage: str = "grpo"
     advantage_params: Mapping[str, Any] = field(default_factory=dict)
@@ -55,12 +67,16 @@ class Recipe:
     # token and sample selection, applied in order
     selection: tuple[str, ...] = ()
     selection_params: Mapping[str, Any] = field(default_factory=dict)
-    dynamic_sampling: bool = False  # DAPO: refill the batch with groups whose rewards differ
+    dynamic_sampling: bool = False  # DAPO: refill the batch with groups whose accuracy differs
     overlong_buffer_frac: float = 0.0  # DAPO soft overlong punishment over this last fraction of the budget (0 = off)
     # RL/SFT mixing
     mixer: str = "rl"
     mixer_params: Mapping[str, Any] = field(default_factory=dict)
     sft_weighting: str = "uniform"  # "phi": CHORD-phi token weights p(1-p) on SFT tokens
+    # a baseline that carries state across steps ("none" | "spo_tracker": SPO's per-prompt Beta tracker);
+    # an advantage that reads the `baseline` input needs one
+    baseline: str = "none"
+    baseline_params: Mapping[str, Any] = field(default_factory=dict)
     # regularisers
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
@@ -76,7 +92,7 @@ class Recipe:
     epochs: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("advantage_params", "loss_params", "selection_params", "mixer_params"):
+        for name in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params"):
             object.__setattr__(self, name, _frozen_mapping(getattr(self, name)))
         object.__setattr__(self, "selection", tuple(self.selection))
         object.__setattr__(self, "hint_fractions", tuple(self.hint_fractions))
@@ -86,6 +102,16 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: expert_per_group needs data='mixed' or 'expert'")
         if self.sft_weighting not in ("uniform", "phi"):
             raise ValueError(f"recipe {self.name}: sft_weighting must be 'uniform' or 'phi'")
+        if self.reward_scale not in ("unit", "signed"):
+            raise ValueError(f"recipe {self.name}: reward_scale must be 'unit' or 'signed', got {self.reward_scale!r}")
+        if not 0.0 <= self.expert_batch_frac < 1.0:
+            raise ValueError(f"recipe {self.name}: expert_batch_frac must be in [0, 1)")
+        if self.expert_batch_frac and self.data != "mixed":
+            raise ValueError(f"recipe {self.name}: expert_batch_frac needs data='mixed'")
+        if not self.prompt_multiplier >= 1.0:
+            raise ValueError(f"recipe {self.name}: prompt_multiplier must be >= 1")
+        if "{hint}" not in self.hint_template:
+            raise ValueError(f"recipe {self.name}: hint_template must contain {{hint}}")
         if not 0.0 <= self.overlong_buffer_frac < 1.0:
             raise ValueError(f"recipe {self.name}: overlong_buffer_frac must be in [0, 1)")
         for knob in ("epochs", "mini_batches"):

@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 from unipo.core.advantages import value_tracker_mean, value_tracker_update
+from unipo.core.registry import Registry
+
+# Stateful baselines a recipe can choose (`Recipe.baseline`): built once per run, fed each step's rollouts,
+# saved in checkpoints. The value head is PPO's own critic (`Recipe.value_coef`), trained by the loss.
+BASELINES: Registry = Registry("baseline")
 
 
 class ValueHead(nn.Module):
@@ -29,17 +34,19 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
+@BASELINES.register("spo_tracker")
 class PromptValueTracker:
     """SPO (arXiv 2509.13232): a Beta(alpha, beta) posterior of each prompt's success rate.
 
-    Prompts never seen before start at the prior Beta(1, 1) (v = 0.5); the paper initialises
-    from offline pass rates, which a generated task does not have. Open choice: the forgetting
+    Prompts never seen before start at the prior Beta(prior, prior) (v = 0.5); the authors' verl
+    recipe uses Beta(0.5, 0.5) (recipe/spo/spo_ray_trainer.py @4b2b3643) when it has no offline pass
+    rates, which a generated task does not have. Open choice: the forgetting
     rate's divergence D is the step's approximate KL to the sampling policy (SPO measures it
     per prompt on that prompt's last response); with one update epoch D = 0 and the forgetting
     rate is the upper clip, rho_max.
     """
 
-    def __init__(self, prior: float = 1.0) -> None:
+    def __init__(self, *, prior: float = 1.0) -> None:
         self.prior = prior
         self.state: dict[str, tuple[float, float]] = {}
 

@@ -32,10 +32,12 @@ def _per_prompt_to_rows(on_policy_flags: torch.Tensor, on_prompt_index: torch.Te
 
 
 @MIXERS.register("rl")
-def rl_only(*, rewards, prompt_index, off_policy, step, total_steps) -> Weights:
-    """Every row is trained by the RL loss (expert rows too, when the loss handles them)."""
-    ones = torch.ones_like(rewards)
-    return ones, torch.zeros_like(rewards), {}
+def rl_only(*, rewards, prompt_index, off_policy, step, total_steps, expert_rows: bool = True) -> Weights:
+    """Every row is trained by the RL loss (expert rows too, when the loss handles them). With
+    `expert_rows=False` expert rows are no training target at all (CalibRL uses them only as a baseline):
+    they leave the RL loss and its token-mean denominator."""
+    rl = torch.ones_like(rewards) if expert_rows else (~off_policy).to(rewards.dtype)
+    return rl, torch.zeros_like(rewards), {}
 
 
 @MIXERS.register("sft")

@@ -27,7 +27,7 @@ def get_recipe(name: str) -> Recipe:
 
 GRPO = _add(Recipe(
     name="grpo",
-    notes="The paper adds a k3 KL to the reference (beta=0.04); DAPO, Dr. GRPO and TRL's default drop it, and so do we (set recipe.kl_coef to restore). std is the unbiased one, eps=1e-6 added to it.",
+    notes="One optimizer step per generation batch, as the paper (sec. 4.2: 'the policy model only has a single update following each exploration stage'): the ratio is 1 and the clip never acts; set recipe.mini_batches for an off-policy GRPO. The paper adds a k3 KL to the reference (beta=0.04); DAPO, Dr. GRPO and TRL's default drop it, and so do we (set recipe.kl_coef to restore). std is the unbiased one, eps=1e-6 added to it. No released training script.",
     summary="group-normalised advantage, PPO clip, mean over sequences of token means",
     paper="arXiv 2402.03300 (DeepSeekMath, sec. 4.1)",
     advantage="grpo",  # (r - mean) / (std + 1e-6), std unbiased
@@ -40,7 +40,7 @@ GRPO = _add(Recipe(
 
 DR_GRPO = _add(Recipe(
     name="dr_grpo",
-    notes='T_max in the sum-norm aggregation is the generation budget (max_new_tokens), a constant across batches.',
+    notes="From the authors' script (sail-sg/understand-r1-zero @dfca49dd, train_zero_math.py): 128 prompts x 8 with train batches of 128 completions, i.e. 8 optimizer steps per generation batch; kept as 8 mini-batches of our batch. T_max in the sum-norm aggregation is the generation budget (max_new_tokens; theirs 3000), a constant across batches. Truncated completions score 0, as in their code.",
     summary="GRPO without std normalisation and without length normalisation",
     paper="arXiv 2503.20783 (Understanding R1-Zero-Like Training, sec. 3.2)",
     advantage="dr_grpo",  # r - mean_g r
@@ -48,88 +48,99 @@ DR_GRPO = _add(Recipe(
     loss_params={"eps_low": 0.2, "eps_high": 0.2},
     # sum over tokens / (B * max_new_tokens): the constant is the generation budget.
     aggregation="seq_mean_token_sum_norm",
+    zero_truncated=True,
+    mini_batches=8,
 ))
 
 DAPO = _add(Recipe(
     name="dapo",
-    notes="The paper's soft overlong buffer is 4k tokens of a 20k budget; we keep that ratio: the penalty ramps from 0 to -1 over the last 20% of the task's generation budget (rounded up to whole tokens). Dynamic sampling retries at most rollout.max_resample_tries extra rounds and then trains on the groups it has.",
+    notes="From the authors' script (verl recipe/dapo/run_dapo_qwen2.5_32b.sh @246cac4c): 512 prompts with PPO mini-batches of 32, i.e. 16 optimizer steps per generation batch, kept as 16 mini-batches of our batch (4 rows each at 8 x 8); verl's dual clip at c=10 under the 0.2/0.28 clip-higher range; rewards +-1 (the task's 0/1 score mapped to 2s-1), so the overlong penalty (0 to -1) has the script's weight. Dynamic sampling keeps groups whose accuracy varies (the script's metric=acc, not the shaped reward) and retries at most rollout.max_resample_tries extra rounds (theirs: 10), then trains on the groups it has. The paper's soft overlong buffer is 4k tokens of a 20k budget; we keep that ratio: the penalty ramps from 0 to -1 over the last 20% of the task's budget (rounded up to whole tokens). Their lr 1e-6, 10 warm-up steps and weight decay 0.1 are run settings (optim.*).",
     summary="clip-higher, dynamic sampling, token-level mean, soft overlong punishment",
     paper="arXiv 2503.14476 (DAPO, sec. 3.1-3.4)",
     advantage="grpo",
-    loss="clip_higher",
-    loss_params={"eps_low": 0.2, "eps_high": 0.28},
+    loss="dual_clip",
+    loss_params={"eps_low": 0.2, "eps_high": 0.28, "clip_ratio_c": 10.0},
     aggregation="token_mean",
     dynamic_sampling=True,
     overlong_buffer_frac=0.2,  # the paper's 4k buffer of a 20k budget
+    reward_scale="signed",
+    mini_batches=16,
 ))
 
 GSPO = _add(Recipe(
     name="gspo",
-    notes="eps 3e-4/4e-4 are the paper's values for Qwen3; the per-sequence loss is spread over the sequence's tokens and averaged per sequence (seq_mean_token_mean), which equals the paper's mean over sequences.",
+    notes="The paper's setup (sec. 5.1): each rollout batch is split into 4 mini-batches, one gradient step each; eps 3e-4/4e-4 are its values for Qwen3. No released training script. The per-sequence loss is spread over the sequence's tokens and averaged per sequence (seq_mean_token_mean), which equals the paper's mean over sequences.",
     summary="sequence-level importance ratio (geometric mean of token ratios), clipped in a narrow band",
     paper="arXiv 2507.18071 (GSPO, sec. 4.1)",
     advantage="grpo",
     loss="gspo",
     loss_params={"eps_low": 3e-4, "eps_high": 4e-4},  # the paper's Qwen3 values
     aggregation="seq_mean_token_mean",  # the loss is constant over a sequence: a mean over sequences
+    mini_batches=4,
 ))
 
 GSPO_TOKEN = _add(Recipe(
     name="gspo_token",
+    notes="As gspo (4 mini-batches per generation batch, eps 3e-4/4e-4).",
     summary="GSPO's sequence ratio value with per-token gradients (token-level advantages allowed)",
     paper="arXiv 2507.18071 (GSPO-token, sec. 4.3)",
     advantage="grpo",
     loss="gspo_token",
     loss_params={"eps_low": 3e-4, "eps_high": 4e-4},
     aggregation="seq_mean_token_mean",
+    mini_batches=4,
 ))
 
 DHPO = _add(Recipe(
     name="dhpo",
-    notes="Only the abstract was available: r_mix = w*rho + (1-w)*s and a matching clipped mix, min'ed as in PPO (see unipo.core.losses.dhpo). w = 1/2 here.",
+    notes="No code was released (the paper promises it upon acceptance) and only the abstract could be read: r_mix = w*rho + (1-w)*s and a matching clipped mix, min'ed as in PPO (see unipo.core.losses.dhpo). w = 1/2 here. 4 mini-batches per generation batch (our choice, GSPO's schedule) so that both trust regions act.",
     summary="token ratio and sequence ratio clipped in their own trust regions, averaged (w = 1/2)",
-    paper="DHPO (seed 000; see unipo.core.losses.dhpo for the exact form used)",
+    paper="arXiv 2601.05607 (DHPO, Dynamic Hybrid Policy Optimization)",
     advantage="grpo",
     loss="dhpo",
     loss_params={"mixing": "average"},
     aggregation="token_mean",
+    mini_batches=4,
 ))
 
 DHPO_ENTROPY = _add(Recipe(
     name="dhpo_entropy",
-    notes="w[i,t] = H[i,t] / max_t H[i,t] of the sequence (1/2 when the maximum is 0), from the current policy's entropy, detached.",
+    notes="As dhpo; w[i,t] = H[i,t] / max_t H[i,t] of the sequence (1/2 when the maximum is 0), from the current policy's entropy, detached.",
     summary="DHPO with entropy-guided per-token mixing of the token and sequence ratios",
-    paper="DHPO (seed 000; see unipo.core.losses.dhpo)",
+    paper="arXiv 2601.05607 (DHPO, entropy-guided mixing)",
     advantage="grpo",
     loss="dhpo",
     loss_params={"mixing": "entropy"},  # the current policy's token entropy is handed in
     aggregation="token_mean",
+    mini_batches=4,
 ))
 
 CPGD = _add(Recipe(
     name="cpgd",
-    notes='Reference code was unavailable: -min(log(rho)*A, clip(log(rho), log 0.8, log 1.2)*A) + 0.1*(rho - 1 - log(rho)). Two epochs, because the drift term is zero at ratio 1.',
+    notes="From the authors' team's script (sii-research/siiRL @af00a771, examples/cpgd_trainer/run_qwen2_5-7b.sh, siirl/dag_worker/core_algos.py): the clipped log-ratio term -min(log(rho)*A, clip(log(rho), log 0.8, log 1.2)*A) plus the drift 0.001*sg(min(rho - 1, 2))*logp (gradient of the k3 KL(pi_old||pi) capped at 2); 512 prompts with mini-batches of 256: 2 optimizer steps per generation batch, kept as 2 mini-batches. Their gradient clip 0.5 and lr 1e-6 are run settings (optim.*). The paper's form: the same with the k3 drift uncapped (drift_clip=null).",
     summary="clipped log-ratio policy gradient plus a policy-drift KL(pi_old || pi) penalty",
     paper="arXiv 2505.12504 (CPGD)",
     advantage="grpo",
     loss="cpgd",
-    loss_params={"eps_low": 0.2, "eps_high": 0.2, "drift_coef": 0.1},
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "drift_coef": 0.001, "drift_clip": 2.0},
     aggregation="token_mean",
-    epochs=2,  # the drift term is zero on the first epoch's ratio of 1; a second epoch lets it act
+    mini_batches=2,  # the drift term is zero at ratio 1; from the second update on it acts
 ))
 
 BNPO = _add(Recipe(
     name="bnpo",
-    notes="From the authors' code: the Beta is fitted by moments to the group success rates, then a=1+alpha/3, b=1+beta/3 (clamped >= 1); 1/pdf capped at 1e6; a uniform Beta when the fit is undefined.",
+    notes="From the authors' code and script (changyi7231/BNPO @a9c51b98, recipe/bnpo/run.sh): the Beta is fitted by moments to the group success rates, then a=1+alpha/3, b=1+beta/3 (clamped >= 1); 1/pdf capped at 1e6; a uniform Beta when the fit is undefined. Clip 0.2/0.28 with verl's dual clip c=10, the seq-mean-token-sum aggregation, one optimizer step per generation batch (32 prompts, mini-batch 32). Their n=16 completions per prompt is a run setting: rollout.group_size=16.",
     summary="advantage normalised by a Beta distribution fitted to the batch's success rates",
     paper="arXiv 2506.02864 (BNPO)",
     advantage="bnpo",
-    loss="ppo_clip",
-    aggregation="token_mean",
+    loss="dual_clip",
+    loss_params={"eps_low": 0.2, "eps_high": 0.28, "clip_ratio_c": 10.0},
+    aggregation="seq_mean_token_sum",
 ))
 
 RLOO = _add(Recipe(
     name="rloo",
+    notes="No released LLM training script; one optimizer step per generation batch (on-policy, so the clip never acts).",
     summary="leave-one-out baseline: r_i - mean of the other rewards of the group",
     paper="arXiv 2402.14740 (Back to Basics: RLOO)",
     advantage="rloo",
@@ -139,7 +150,7 @@ RLOO = _add(Recipe(
 
 REINFORCE_PP = _add(Recipe(
     name="reinforce_pp",
-    notes="Group-mean baseline (REINFORCE++-baseline), then (A - mean)/(std + eps) over the batch's sequences, each sequence counted once.",
+    notes="Group-mean baseline (REINFORCE++-baseline), then (A - mean)/(std + eps) over the batch's sequences, each sequence counted once (verl and OpenRLHF whiten over tokens instead, which weights a sequence by its length). OpenRLHF's example scripts change between versions, so one optimizer step per generation batch.",
     summary="group-mean baseline, then advantages normalised over the whole batch",
     paper="arXiv 2501.03262 (REINFORCE++-baseline)",
     advantage="reinforce_pp",
@@ -149,57 +160,68 @@ REINFORCE_PP = _add(Recipe(
 
 SIMPLE_PO = _add(Recipe(
     name="simple_po",
-    notes='eps=0.2; checked against the abstract only.',
+    notes="The form -(rho*A - |A|/(2 eps)*(rho - 1)^2), eps=0.2, is the authors' code (MyRepositories-hub/Simple-Policy-Optimization @48c13fd7, mujoco/trainer.py), which trains control tasks only, with 4 mini-batches per batch (and 10 epochs); we keep the 4 mini-batches and one epoch.",
     summary="quadratic penalty on (ratio - 1) instead of clipping",
     paper="arXiv 2401.16025 (Simple Policy Optimization)",
     advantage="grpo",
     loss="simple_po",
     loss_params={"eps": 0.2},
     aggregation="token_mean",
+    mini_batches=4,
 ))
 
 CISPO = _add(Recipe(
     name="cispo",
-    notes="No lower clip (as in the paper's runs); eps_high=0.28, a value the paper does not fix (Trinity-RFT's).",
+    notes="No released code. No lower clip (as in the paper's runs); eps_high=0.28, a value the paper does not report (DAPO's). CISPO exists to keep the gradient of tokens clipped off-policy, so we take 4 mini-batches per generation batch (our choice; GSPO's schedule).",
     summary="clip the importance weight (stop-gradient), never the token's gradient",
     paper="arXiv 2506.13585 (MiniMax-M1, CISPO)",
     advantage="grpo",
     loss="cispo",
     loss_params={"eps_high": 0.28},  # open choice: no lower clip, as in the paper's experiments
     aggregation="token_mean",
+    mini_batches=4,
 ))
 
 # --- token and sample selection ---------------------------------------------------------
 
 HIGH_ENTROPY = _add(Recipe(
     name="high_entropy",
-    notes="Builds on DAPO's clip-higher loss, as the paper does; the top 20% is counted over the whole batch's completion tokens, ties broken by position; entropy from the policy before the update.",
+    notes="The authors' script (Shenzhi-Wang/Beyond-the-80-20-Rule-RLVR @6f5dda6f, recipe/rlvr_with_high_entropy_tokens_only/) is the full DAPO script plus the top-20% entropy mask, so this recipe is dapo's (dynamic sampling on accuracy, overlong buffer, +-1 rewards, clip 0.2/0.28 with dual clip c=10, 16 optimizer steps per generation batch) with the selection. Dynamic sampling also keeps zero-advantage tokens of constant groups out of the 20% quota. Their mask is taken per micro-batch from the current forward's entropy; ours over the whole batch's completion tokens from pi_old's entropy (equal at the first update), ties broken by position.",
     summary="gradient only on the top 20% highest-entropy tokens of the batch (forking tokens)",
     paper="arXiv 2506.01939 (Beyond the 80/20 Rule)",
     family="selection",
     advantage="grpo",
-    loss="clip_higher",  # the paper builds on DAPO
+    loss="dual_clip",  # the paper builds on DAPO
+    loss_params={"eps_low": 0.2, "eps_high": 0.28, "clip_ratio_c": 10.0},
     aggregation="token_mean",
     selection=("high_entropy_tokens",),
     selection_params={"high_entropy_tokens": {"rho": 0.2}},
+    dynamic_sampling=True,
+    overlong_buffer_frac=0.2,
+    reward_scale="signed",
+    mini_batches=16,
 ))
 
 CPPO = _add(Recipe(
     name="cppo",
-    notes='Keep ceil(0.5*G) completions per group (the paper prunes a tuned fraction).',
-    summary="train only on the completions of each group with the largest |advantage|",
+    notes="From the authors' verl code and script (lzhxmu/CPPO @52faeb37, cppo_verl/recipe/cppo/math_cppo.sh): pruning rate P=0.5 across the whole batch (the half of all completions with the largest |A| is kept, wherever their group), the prompt batch enlarged to ceil(B/(1-P)) so the kept rows fill a normal batch, 2 PPO epochs, a k3 (low_var_kl) KL to the reference with coefficient 0.04 in the loss. The paper's text prunes within each group: selection_params.cppo.scope=group.",
+    summary="train only on the completions with the largest |advantage| (half of an enlarged batch)",
     paper="arXiv 2503.22342 (CPPO)",
     family="selection",
     advantage="grpo",
     loss="ppo_clip",
     aggregation="seq_mean_token_mean",
     selection=("cppo",),
-    selection_params={"cppo": {"keep": 0.5}},  # open choice: keep half the group
+    selection_params={"cppo": {"keep": 0.5, "scope": "batch"}},
+    prompt_multiplier=2.0,  # 1 / (1 - P)
+    kl_coef=0.04,
+    kl_estimator="k3",
+    epochs=2,
 ))
 
 D3S = _add(Recipe(
     name="d3s",
-    notes='Only the abstract was available: the sample level keeps ceil(ratio*G) completions per group with maximal Var(A) (exact search); the token level keeps the top fraction by |A|*H; both ratios move linearly from (0.5, 0.2) to (1, 1) over the run (our schedule).',
+    notes='Only the abstract was available and no code was found: the sample level keeps ceil(ratio*G) completions per group with maximal Var(A) (exact search); the token level keeps the top fraction by |A|*H; both ratios move linearly from (0.5, 0.2) to (1, 1) over the run (our schedule); one optimizer step per generation batch.',
     summary="max-variance subset of each group, then top |A|*H tokens; aggressive at first, relaxing",
     paper="arXiv 2509.22115 (D^3S)",
     family="selection",
@@ -212,19 +234,19 @@ D3S = _add(Recipe(
 
 GTPO = _add(Recipe(
     name="gtpo",
-    notes="From the authors' code: conflict tokens get weight 0 on negative and 2 on positive completions; completions with mean entropy above 0.7 are dropped. Conflicts are matched at any position (the paper's text), not only in the leading/trailing runs (their code).",
-    summary="protect conflict tokens from negative updates; drop high-entropy completions",
+    notes="From the authors' code (winstonsmith1897/GTPO @5d33811e, gtpo/gtpo_training.py, config.yaml): the advantage (r - mean) - 0.1 * mean entropy of the completion, completions with mean entropy above 0.7 dropped; conflict tokens (in the leading and trailing runs of positions shared by a positive and a negative completion of the group) weigh 2 on positive and 0 on negative completions, each row's weights divided by its number of conflict tokens; a mean over sequences of token means; one pass per batch (their ratio is always 1). The paper's text matches conflicts at any position: selection_params.gtpo.conflict_scope=any. Their code sums over completions and keeps zero-weight tokens in a row's count; ours drops them (a row-level normaliser difference). Entropy is pi_old's at the rollout temperature (theirs: the raw current logits).",
+    summary="protect conflict tokens from negative updates; drop high-entropy completions; entropy-shaped advantage",
     paper="arXiv 2508.03772 (GTPO)",
     family="selection",
-    advantage="grpo",
+    advantage="gtpo",
     loss="ppo_clip",
-    aggregation="token_mean",
+    aggregation="seq_mean_token_mean",
     selection=("gtpo",),
 ))
 
 EGSW = _add(Recipe(
     name="egsw",
-    notes='alpha=0.1 and T=1 are our choice; weights are a softmax over the group scaled by the group size so they average 1.',
+    notes='No released code: alpha=0.1 and T=1 are our choice; weights are a softmax over the group scaled by the group size so they average 1; one optimizer step per generation batch.',
     summary="sequence weights softmax((A + alpha * mean entropy) / T) within each group",
     paper="arXiv 2503.22456 (EGSW)",
     family="selection",
@@ -238,18 +260,18 @@ EGSW = _add(Recipe(
 
 SEED_GRPO = _add(Recipe(
     name="seed_grpo",
-    notes='alpha=0.5 (tuned per model in the paper); semantic entropy from the frequencies of the extracted final answers.',
-    summary="GRPO advantage shrunk by the semantic entropy of the group's final answers",
+    notes="No released code. The paper's base advantage is r - mean (no std normalisation); alpha=0.5 (tuned per model in the paper); semantic entropy from the frequencies of the extracted final answers; one optimizer step per generation batch.",
+    summary="group-centred advantage shrunk by the semantic entropy of the group's final answers",
     paper="arXiv 2505.12346 (SEED-GRPO)",
     advantage="seed_grpo",
-    advantage_params={"alpha": 0.5},  # open choice: the paper's alpha is tuned per model
+    advantage_params={"alpha": 0.5, "std_normalise": False},  # open choice: the paper's alpha is tuned per model
     loss="ppo_clip",
     aggregation="seq_mean_token_mean",
 ))
 
 STRATIFIED = _add(Recipe(
     name="stratified",
-    notes='Strata are response-length buckets of 4 tokens (the paper stratifies search-agent trajectories by number of search calls); alpha=0.5.',
+    notes='No released code. Strata are response-length buckets of 4 tokens (the paper stratifies search-agent trajectories by number of search calls); alpha=0.5; one optimizer step per generation batch.',
     summary="normalise advantages within strata of like trajectories, blended with the global ones",
     paper="arXiv 2510.06214 (Stratified GRPO)",
     advantage="stratified",
@@ -261,25 +283,30 @@ STRATIFIED = _add(Recipe(
 
 SINGLE_STREAM = _add(Recipe(
     name="single_stream",
-    notes="Run with rollout.group_size=1 for the paper's single stream. Unseen prompts start at Beta(1,1); the forgetting rate's divergence is the step's approximate KL to the sampling policy (the paper: per prompt).",
+    notes="From the verl recipe (volcengine/verl @4b2b3643, recipe/spo/): unseen prompts start at Beta(0.5, 0.5); clip 0.2/0.28; 1024 prompts with mini-batches of 128, i.e. 8 optimizer steps per generation batch, kept as 8 mini-batches. Run with rollout.group_size=1 for the single stream. The forgetting rate's divergence is the step's approximate KL to the sampling policy (theirs: per prompt, the mean |delta logp| of its last response).",
     summary="one completion per prompt; baseline from a per-prompt Beta tracker, batch-normalised",
     paper="arXiv 2509.13232 (Single-stream Policy Optimization)",
     advantage="single_stream",
-    loss="ppo_clip",
+    baseline="spo_tracker",
+    baseline_params={"prior": 0.5},
+    loss="clip_higher",
+    loss_params={"eps_low": 0.2, "eps_high": 0.28},
     aggregation="token_mean",
+    mini_batches=8,
     # Run it with rollout.group_size=1 (the paper's single stream); the recipe does not force
     # it so that runs at equal sample budgets stay comparable.
 ))
 
 A_STAR_PO = _add(Recipe(
     name="a_star_po",
-    notes="V* is estimated from the group's own rollouts (sampled from pi, which starts as pi_ref) instead of a separate offline pass over the reference; beta=1 for both the advantage and the loss.",
+    notes="From the authors' script (ZhaolinGao/A-PO @c8823a32, scripts/apo_math.sh): beta1=0.5 in V* and beta2=1e-3 in the regression, 256 prompts with mini-batches of 128: 2 optimizer steps per generation batch. V* is estimated from the group's own rollouts (sampled from pi, which starts as pi_ref) instead of their separate offline pass of 8 reference samples per prompt.",
     summary="regress beta*log(pi/pi_ref) onto r - V*, V* = beta*log E_ref[exp(r/beta)]",
     paper="arXiv 2505.20686 (A*-PO)",
     advantage="a_star",
-    advantage_params={"beta": 1.0},
+    advantage_params={"beta": 0.5},
     loss="a_star_po",
-    loss_params={"beta": 1.0},
+    loss_params={"beta": 1e-3},
+    mini_batches=2,
     # Open choice: V* is estimated from the group's own rollouts, not from a separate offline
     # pass over the reference policy (the group is sampled from pi, which starts as pi_ref).
     aggregation="seq_mean_token_mean",
@@ -287,7 +314,7 @@ A_STAR_PO = _add(Recipe(
 
 PPO = _add(Recipe(
     name="ppo",
-    notes="Value head: a zero-initialised linear layer on the policy's last hidden state (shared trunk), value_coef 0.5, clipped value loss; GAE with gamma=1, lambda=0.95; two epochs per batch.",
+    notes="Value head: a zero-initialised linear layer on the policy's last hidden state (shared trunk), value_coef 0.5, clipped value loss; GAE with gamma=1, lambda=0.95, advantages not whitened (verl whitens them over tokens); two epochs per batch.",
     summary="PPO with a value head on the policy trunk and GAE (token-level advantages)",
     paper="arXiv 1707.06347 (PPO); arXiv 1506.02438 (GAE)",
     advantage="gae",
@@ -302,61 +329,77 @@ PPO = _add(Recipe(
 
 LUFFY = _add(Recipe(
     name="luffy",
-    notes="7 rollouts + 1 expert trace per group of 8 (the paper's ratio); the expert's probability is taken as 1, so off-policy tokens use pi/(pi+0.1) without clipping.",
-    summary="one expert trace in every group; policy shaping pi/(pi+0.1) on expert tokens, no clip there",
+    notes="From the authors' script (ElliottYan/LUFFY @01f4ae06, exp_scripts/train.sh; loss in luffy/verl/verl/mix_src/mix_core_alg.py): 7 rollouts + 1 expert trace per group of 8; the group advantage r - mean over all 8 rows (grpo_use_std=False); rollouts get the unclipped -A*rho (loss_remove_clip=True); expert tokens -A*pi/(pi+0.1) (the expert's own probability taken as 1); the token sum divided by a constant T_max (loss_remove_token_mean=True: theirs T_max=8192 per micro-batch, ours the budget x rows, a constant factor away); entropy bonus 0.001; 128 prompts with mini-batches of 64: 2 optimizer steps per generation batch. The paper's equations (std-normalised advantage, PPO clip on rollouts, token mean, no entropy bonus) are `luffy_paper`.",
+    summary="one expert trace in every group; policy shaping pi/(pi+0.1) on expert tokens (the released script)",
     paper="arXiv 2504.14945 (LUFFY, sec. 3)",
     family="hybrid",
     data="mixed",
     expert_per_group=1,  # the paper: 7 rollouts + 1 expert trace of 8
     expert_in_group=True,
-    advantage="grpo",
+    advantage="dr_grpo",
     loss="luffy",
-    loss_params={"shaping_gamma": 0.1, "eps_low": 0.2, "eps_high": 0.2},
+    loss_params={"shaping_gamma": 0.1, "clip_on_policy": False},
+    aggregation="seq_mean_token_sum_norm",
+    entropy_coef=0.001,
+    mini_batches=2,
+))
+
+LUFFY_PAPER = _add(dataclasses.replace(
+    LUFFY, name="luffy_paper",
+    notes="LUFFY as the paper's equations write it (sec. 3): the GRPO advantage (std-normalised) over the group with its expert trace, PPO clip (0.2) on the rollouts, policy shaping pi/(pi+0.1) on expert tokens, token-mean aggregation, no entropy bonus; the script's schedule (2 optimizer steps per generation batch). `luffy` is the released script.",
+    summary="LUFFY per the paper's equations: std-normalised advantage, clipped rollouts, token mean",
+    advantage="grpo",
+    loss_params={"shaping_gamma": 0.1, "eps_low": 0.2, "eps_high": 0.2, "clip_on_policy": True},
     aggregation="token_mean",
+    entropy_coef=0.0,
 ))
 
 CHORD = _add(Recipe(
     name="chord",
-    notes='mu: linear warm-up (none here) then cosine decay from 0.5 to 0.02 over the run; the expert rows are SFT rows and stay out of the RL group.',
-    summary="(1 - mu) * RL + mu * SFT on expert traces, mu warmed up then decayed",
+    notes="From the authors' config (modelscope/Trinity-RFT @04143305, examples/mix_chord/mix_chord.yaml, the CHORD-mu setting): mu cosine-decays from 0.9 to 0.05 over 200 steps with no warm-up, then stays at 0.05; the expert data is a separate SFT set mixed into every batch at 20% of its rows (expert_batch_frac=0.2: demonstrations of other training prompts, outside every advantage group), the RL and SFT terms each normalised over their own tokens; one optimizer step per generation batch (mini-batch = the whole batch). The paper's figure of a decay 'over training' is their 200 steps; scale mixer_params.decay_steps with a longer run.",
+    summary="(1 - mu) * RL + mu * SFT on a separate expert set, mu decayed",
     paper="arXiv 2508.11408 (CHORD)",
     family="hybrid",
     data="mixed",
-    expert_per_group=1,
+    expert_batch_frac=0.2,
     expert_in_group=False,  # expert rows are SFT rows, not members of the RL group
     advantage="grpo",
     loss="ppo_clip",
     aggregation="token_mean",
     mixer="chord",
-    mixer_params={"mu_peak": 0.5, "mu_valley": 0.02, "warmup_steps": 0},  # decay over the run
+    mixer_params={"mu_peak": 0.9, "mu_valley": 0.05, "warmup_steps": 0, "decay_steps": 200},
 ))
 
 CHORD_PHI = _add(dataclasses.replace(
     CHORD, name="chord_phi",
-    notes='As chord, with SFT tokens weighted by sg(p*(1-p)).',
-    summary="CHORD with SFT tokens weighted by p(1 - p) (learn what is uncertain, keep what is known)",
+    notes="As chord, with SFT tokens weighted by sg(p*(1-p)) and, as the authors' CHORD-phi setting (Trinity-RFT @04143305, examples/mix_chord/mix_chord.yaml comments), a constant mu = 0.1 (no decay).",
+    summary="CHORD with SFT tokens weighted by p(1 - p) (learn what is uncertain, keep what is known), mu = 0.1",
     sft_weighting="phi",
+    mixer_params={"mu_peak": 0.1, "mu_valley": 0.1, "warmup_steps": 0, "decay_steps": 0},
 ))
 
 HPT = _add(Recipe(
     name="hpt",
-    notes="Threshold 0 (the paper's Qwen setting: SFT only when every rollout failed; LLaMA used 2 of 8).",
+    notes="From the authors' script (TsinghuaC3I/Unify-Post-Training @ae332f5f, exp_scripts/train.sh, hpt/verl/verl/mix_src/mix_trainer.py): a full group of rollouts (8) plus the expert trace; threshold 0 (the Qwen gate: SFT only when every rollout failed; LLaMA: 2 of 8, threshold 0.25); the SFT loss (token mean over expert rows) added to the PG loss; the PG part as LUFFY's script: no std normalisation, no clip, sum over tokens / T_max, entropy bonus 0.001, 128 prompts with mini-batches of 64 (2 optimizer steps per generation batch). Their lr 5e-6 is a run setting (optim.lr).",
     summary="per prompt: SFT on the expert trace if the rollouts' success rate <= threshold, else RL",
     paper="arXiv 2509.04419 (HPT, Towards a Unified View of LLM Post-Training)",
     family="hybrid",
     data="mixed",
     expert_per_group=1,
     expert_in_group=False,
-    advantage="grpo",
-    loss="ppo_clip",
-    aggregation="token_mean",
+    expert_in_addition=True,
+    advantage="dr_grpo",
+    loss="unclipped",
+    aggregation="seq_mean_token_sum_norm",
+    entropy_coef=0.001,
     mixer="hpt",
     mixer_params={"threshold": 0.0},  # the paper's Qwen gate: SFT only when every rollout failed
+    mini_batches=2,
 ))
 
 AHPO = _add(Recipe(
     name="ahpo",
-    notes="R-hat = 1: the expert term is on for prompts with no correct rollout; the off-policy term is the expert trace's NLL.",
+    notes="The training code is not released ('coming soon' in PhoenixZ810/MM-HELIX @15b95582). R-hat = 1: the expert term is on for prompts with no correct rollout; the off-policy term is the expert trace's NLL; one optimizer step per generation batch.",
     summary="RL always, plus the expert trace's NLL on prompts with fewer than R correct rollouts",
     paper="arXiv 2510.08540 (MM-HELIX, AHPO)",
     family="hybrid",
@@ -372,34 +415,41 @@ AHPO = _add(Recipe(
 
 RL_PLUS = _add(Recipe(
     name="rl_plus",
-    notes="From the authors' code: expert tokens use pi / (0.5*pi_old + 0.5*pi_expert) with pi_expert = 0.5*(pi_old + 1), unclipped; the exploration weight (1 - sg(pi))^0.5 applies to expert rows.",
-    summary="expert traces in the group with multiple importance sampling, plus an exploration advantage",
+    notes="From the authors' script and code (YihongDong/RL-PLUS @eb4aa4d4, exp_scripts/train_RL-PLUS.sh, rl_plus/verl/verl/recipe/rlplus_core_alg.py): 7 rollouts + 1 expert trace per group, the advantage r - mean over all 8 rows (group statistics include the expert row; no std); rollouts get the unclipped -A*rho; expert tokens -A*(1 - sg(pi))^0.5 * pi / (0.5*pi_old + 0.5*pi_expert) with pi_expert = 0.5*(pi_old + 1), unclipped, for advantages of either sign, the exploration weight taken with the current pi inside the loss (exact at every mini-batch); LUFFY's aggregation (token sum / constant T_max), entropy bonus 0.001 and schedule (2 optimizer steps per generation batch).",
+    summary="expert traces in the group with multiple importance sampling, plus an exploration weight",
     paper="arXiv 2508.00222 (RL-PLUS)",
     family="hybrid",
     data="mixed",
     expert_per_group=1,
-    advantage="rl_plus_explore",
-    advantage_params={"gamma": 0.5},  # the authors' code
+    advantage="dr_grpo",
     loss="rl_plus",
-    aggregation="token_mean",
+    loss_params={"explore_gamma": 0.5, "clip_on_policy": False},
+    aggregation="seq_mean_token_sum_norm",
+    entropy_coef=0.001,
+    mini_batches=2,
 ))
 
 CALIBRL = _add(Recipe(
     name="calibrl",
-    notes="The paper's term |A|*LeakyReLU(s*(log pi_expert - log pi)) is turned into the advantage with the same gradient at pi_old (see unipo.core.hybrid.calibrl_advantage); slope 0.5.",
+    notes="From the authors' script and code (zhh6425/CalibRL @0efd7991, src/examples/run_qwen25vl7b_virl_mix_policy.sh, src/core_algos.py, src/dp_actor.py): a full group of rollouts (theirs 10, ours rollout.group_size) plus 1 expert trace, used only as the calibration baseline (it leaves the loss and its token-mean denominator: mixer rl with expert_rows=false); group advantage r - mean without std (norm_adv_by_std_in_grpo=False); correct means score > 0.1; the guided term 0.1*|A|*LeakyReLU_0.5(s*(log pi_expert - log pi)); PPO with dual clip c=3; 480 samples with mini-batches of 120: 4 optimizer steps per generation batch. The guided term is folded into the advantage with its gradient at pi_old (see unipo.core.hybrid.calibrl_advantage): exact at the first of the 4 updates, first-order after.",
     summary="advantages calibrated against the expert trace with a LeakyReLU, weighted by rareness",
     paper="arXiv 2602.20197 (CalibRL)",
     family="hybrid",
     data="mixed",
     expert_per_group=1,
+    expert_in_addition=True,
     advantage="calibrl",
-    loss="ppo_clip",
+    loss="dual_clip",
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": 3.0},
     aggregation="token_mean",
+    mixer="rl",
+    mixer_params={"expert_rows": False},
+    mini_batches=4,
 ))
 
 GHPO = _add(Recipe(
     name="ghpo",
-    notes='Only the abstract was available: hint levels 1/4, 1/2, 3/4 of the expert solution, appended to the prompt; the scored answer is hint + completion; the loss covers the generated tokens only.',
+    notes="From the authors' code (hkgc-1/GHPO @af0a7dd8, src/ghpo/ghpo_trainer.py): groups whose rollouts all fail are re-rolled in the same step with the first 1/4, then 1/2, then 3/4 of the solution's characters (Python round) inside the user message, after the sentence 'The following text is the beginning part of the answer, which you can refer to for solving the problem:'; only the completion is scored, and the hinted prompt is the training prompt; token-mean loss, one optimizer step per generation batch. Their extra format reward (weight 0.5) is task-specific and not reproduced: the task's verifier is the reward.",
     summary="groups where every rollout failed are re-rolled with a growing prefix of the expert solution",
     paper="arXiv 2507.10628 (GHPO)",
     family="hybrid",
@@ -414,7 +464,7 @@ GHPO = _add(Recipe(
 SFT = _add(Recipe(
     name="sft",
     summary="negative log-likelihood of expert demonstrations (A = 1 on expert tokens)",
-    paper="(supervised fine-tuning; the baseline of every hybrid paper)",
+    paper="arXiv 2203.02155 (supervised fine-tuning, the first stage of InstructGPT; the baseline of every hybrid paper)",
     family="sft",
     data="expert",
     expert_per_group=1,

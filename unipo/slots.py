@@ -24,6 +24,7 @@ from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from unipo.core.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss
 from unipo.core.registry import Registry
 from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.critics import BASELINES
 from unipo.mixing import MIXERS
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ INPUTS: Mapping[str, str] = {
     "total_steps": "int, the run's steps",
     "logp": "[B, T] log-probs of the rows under pi_old, the policy that sampled them",
     "expert_logp": "[B, T] pi_old log-probs of the row's group expert trace (zeros without one)",
-    "entropy": "[B, T] next-token entropy under pi_old",
+    "entropy": "[B, T] next-token entropy: pi_old's for advantages and selections, the current policy's "
+               "(detached) for a loss",
     "values": "[B, T] the value head's V(s_t) under pi_old",
     "baseline": "[B] SPO's per-prompt value from its Beta tracker",
     "ref_logp": "[B, T] log-probs under the frozen reference policy",
@@ -98,6 +100,15 @@ def check_recipe(recipe: Recipe) -> None:
             if unknown:
                 raise ValueError(f"declares inputs {unknown} that the trainer does not provide")
         except ValueError as error:
+            raise ValueError(f"recipe {recipe.name}: {error}") from None
+    if "baseline" in recipe_inputs(recipe) and recipe.baseline == "none":
+        raise ValueError(f"recipe {recipe.name}: advantage {recipe.advantage!r} reads a stateful baseline; "
+                         f"set recipe.baseline (valid: {', '.join(BASELINES)})")
+    if recipe.baseline != "none":
+        try:
+            BASELINES.check_params(recipe.baseline, recipe.baseline_params)
+            BASELINES.get(recipe.baseline)(**recipe.baseline_params)
+        except (ValueError, TypeError) as error:
             raise ValueError(f"recipe {recipe.name}: {error}") from None
     try:
         _dry_run(recipe)

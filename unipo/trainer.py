@@ -15,6 +15,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from unipo.collect import RolloutBatch, RolloutCollector
 from unipo.config import TrainConfig
 from unipo.core.advantages import compute_advantages
 from unipo.core.selection import compute_selection
-from unipo.critics import PromptValueTracker, ValueHead
+from unipo.critics import BASELINES, ValueHead
 from unipo.mixing import MIXERS
 from unipo.models import load_model, pick_device
 from unipo.rollout import policy_logprobs
@@ -59,7 +60,8 @@ class Trainer:
         self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None
         self.value_head = (ValueHead(model.config.hidden_size).to(self.device)
                            if self.recipe.value_coef > 0 else None)
-        self.tracker = PromptValueTracker()
+        self.tracker = (BASELINES.get(self.recipe.baseline)(**self.recipe.baseline_params)
+                        if self.recipe.baseline != "none" else None)
         params = [p for p in self.trainable_modules_parameters()]
         # fused: one kernel for all parameters (the same update, ~6x faster than the per-tensor loop on a CPU)
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
@@ -170,8 +172,10 @@ class Trainer:
             update_metrics, finite = self.update(batch, plan, advantages, inputs, shuffle)
         finally:
             self._batch = None
-        self.scheduler.step()
-        if "baseline" in self.inputs_needed:  # SPO's tracker learns from this step's rollouts
+        with warnings.catch_warnings():  # the schedule counts generation steps, stepped or skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
+        if self.tracker is not None:  # a stateful baseline learns from this step's rollouts
             on = (~batch.off_policy).nonzero().squeeze(1).tolist()
             self.tracker.update([batch.prompts[i] for i in on], batch.rewards[on],
                                 float(update_metrics.get("actor/approx_kl", 0.0)))
@@ -345,7 +349,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "value_head": None if self.value_head is None else self.value_head.state_dict(),
-            "tracker": dict(self.tracker.state),
+            "tracker": {} if self.tracker is None else dict(self.tracker.state),
         }
 
     def save(self) -> None:
@@ -364,7 +368,8 @@ class Trainer:
         random.setstate(state["python_rng"])
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
-        self.tracker.state = dict(state["tracker"])
+        if self.tracker is not None:
+            self.tracker.state = dict(state["tracker"])
 
 
 def _mix_seed(seed: int, step: int) -> int:

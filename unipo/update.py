@@ -141,8 +141,11 @@ class PolicyUpdate:
         loss = logp.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         if plan.has_rl:
-            provided = {**inputs, "entropy": out.entropy.detach(), "ref_logp": plan.ref_logp}
-            declared = {k: _rows(provided[k], rows) for k in self.loss.inputs}
+            # A loss reads the current policy's entropy (detached) and the reference of these rows; every
+            # other declared input is a batch input restricted to the rows.
+            local = {"entropy": out.entropy.detach(),
+                     "ref_logp": None if plan.ref_logp is None else plan.ref_logp[rows]}
+            declared = {k: local[k] if k in local else _rows(inputs[k], rows) for k in self.loss.inputs}
             rl_loss, metrics = compute_policy_loss(
                 r.loss, logp, old, advantages[rows], rl_mask, r.aggregation, weights=plan.rl_tokens[rows],
                 denominator=denominators["rl"], max_len=max_len, **{**r.loss_params, **declared})

@@ -14,6 +14,7 @@ Conventions the tests hold:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,6 +45,7 @@ def compute_advantages(
     `check_finite=False`. Unknown names raise ValueError listing the valid ones.
     """
     estimator = ADVANTAGE_ESTIMATORS.get(name)
+    ADVANTAGE_ESTIMATORS.check_inputs(name, params)
     _validate_inputs(rewards, group_ids, params, check_finite)
     return estimator(rewards, group_ids, **params)
 
@@ -266,9 +268,12 @@ def stratified_advantages(
 
 @ADVANTAGE_ESTIMATORS.register("seed_grpo", inputs=("answer_ids",))
 def seed_grpo_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, *, answer_ids: torch.Tensor, alpha: float, eps: float = 1e-6
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, answer_ids: torch.Tensor, alpha: float, eps: float = 1e-6,
+    std_normalise: bool = True,
 ) -> torch.Tensor:
-    """SEED-GRPO (arXiv 2505.12346): A_i = A_grpo_i * (1 - alpha * SE_g / SE_max_g).
+    """SEED-GRPO (arXiv 2505.12346): A_i = A_base_i * (1 - alpha * SE_g / SE_max_g).
+
+    A_base is GRPO's (r - mean) / (std + eps), or the paper's r - mean with `std_normalise=False`.
 
     SE_g = -sum_k p_k log p_k is the semantic entropy of the group's answers, clustered by
     `answer_ids` [B] (equal id = same final answer), with p_k = |C_k| / G the cluster's share of the
@@ -288,7 +293,8 @@ def seed_grpo_advantages(
     # log(1) = 0 for a group of one: divide by 1 there instead (its entropy is 0 anyway).
     max_entropy = torch.where(several, torch.log(groups.count), torch.ones_like(groups.count))
     normalised = torch.where(several, entropy / max_entropy, torch.zeros_like(entropy))
-    return _group_standardised(rewards, groups, eps) * (1 - alpha * normalised)[groups.index]
+    base = _group_standardised(rewards, groups, eps) if std_normalise else _group_centred(rewards, groups)
+    return base * (1 - alpha * normalised)[groups.index]
 
 
 @ADVANTAGE_ESTIMATORS.register("rl_plus_explore", inputs=("logp", "mask", "off_policy"))
@@ -300,35 +306,126 @@ def rl_plus_explore_advantages(
     mask: torch.Tensor,
     gamma: float,
     off_policy: torch.Tensor | None = None,
+    norm_by_std: bool = False,
+    on_policy_stats: bool = False,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """RL-PLUS exploration-based advantage (arXiv 2508.00222), [B, T]:
 
-        A[i, t] = A_grpo_i * (1 - sg(pi(y_t)))^gamma   on the rows marked by `off_policy`
-        A[i, t] = A_grpo_i                             elsewhere, 0 on masked tokens.
+        A[i, t] = A_i * (1 - sg(pi(y_t)))^gamma   on the rows marked by `off_policy`
+        A[i, t] = A_i                             elsewhere, 0 on masked tokens,
 
-    Checked against the authors' code: the weight multiplies the advantage of the external
-    (expert) trace tokens, which are correct solutions, and uses the *current* policy's token
-    probability pi_theta, detached (not pi_old); gamma = 0.5 there. `off_policy` [B] bool marks the
-    expert rows, so an on-policy-only batch is plain GRPO. When `off_policy` is not given, the
-    rows with positive advantage (the correct completions) take the weight instead. `logp` [B, T]
-    is the log-prob in the weight: current log-probs at loss time give the paper's choice, while
-    the rollout's log-probs give the pi_old variant. Group statistics are GRPO's over all rows
-    of the group; the authors' code takes them over the on-policy rows only.
+    A_i = r_i - mean_g r (norm_by_std=False, the default), or (r_i - mean_g r) / (std_g r + eps)
+    (norm_by_std=True, GRPO's), with the group statistics over all rows of the group, expert
+    rows included; on_policy_stats=True takes them over the group's on-policy rows only (the
+    code's unused `grpo_split`: there a zero std counts as 1, so expert rows of a constant group
+    keep r - mean; on-policy rows of a constant group get 0 here, and a lone on-policy rollout
+    gets 0 here but r there).
+
+    Checked against the authors' code, YihongDong/RL-PLUS @eb4aa4d4e2d7ce206056f9d7740138bfc94fad8f
+    (tests/golden/rl_plus.json): the released script exp_scripts/train_RL-PLUS.sh runs
+    adv_estimator=grpo with grpo_use_std=False (`compute_grpo_outcome_advantage` in
+    rl_plus/verl/verl/trainer/ppo/core_algos.py over every row of the group), and
+    `compute_token_on_off_policy_loss` (rl_plus/verl/verl/recipe/rlplus_core_alg.py) multiplies
+    the advantage of the expert (prefix) tokens by (1 - exp(sg logp))^0.5 with the *current*
+    policy's log-prob. `off_policy` [B] bool marks the expert rows, so an on-policy-only batch is
+    the plain group advantage. When `off_policy` is not given, the rows with positive advantage
+    (the correct completions) take the weight instead. `logp` [B, T] is the log-prob in the
+    weight: current log-probs at loss time give the code's choice, the rollout's log-probs the
+    pi_old variant (the same in a batch's first update). `rl_plus` loss's explore_gamma puts the
+    weight in the loss instead; use one or the other.
     """
     validate.check_ndim("rewards", rewards, 1)
     validate.check_ndim("logp", logp, 2)
     token_mask = validate.as_float_mask(mask, logp)
-    sequence_advantage = _group_standardised(rewards, _segments(group_ids, rewards), eps)
+    if off_policy is not None:
+        validate.check_per_sequence("off_policy", off_policy, rewards.shape[0])
+    for name, flag in (("norm_by_std", norm_by_std), ("on_policy_stats", on_policy_stats)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    seg = _segments(group_ids, rewards)
+    if on_policy_stats and off_policy is not None:
+        sequence_advantage = _on_policy_group_advantage(rewards, seg, ~off_policy.bool(), norm_by_std, eps)
+    elif norm_by_std:
+        sequence_advantage = _group_standardised(rewards, seg, eps)
+    else:
+        sequence_advantage = _group_centred(rewards, seg)
     if off_policy is None:
         weighted_rows = sequence_advantage > 0
     else:
-        validate.check_per_sequence("off_policy", off_policy, rewards.shape[0])
         weighted_rows = off_policy.bool()
     # 1 - exp(logp) via expm1: exact for probabilities near 1, where 1 - exp loses digits.
     unlikeliness = (-torch.expm1(logp.detach())).clamp(min=0) ** gamma
     weight = torch.where(weighted_rows[:, None], unlikeliness, torch.ones_like(unlikeliness))
     return sequence_advantage[:, None] * weight * token_mask
+
+
+def _on_policy_group_advantage(
+    rewards: torch.Tensor, seg: _Segments, on_policy: torch.Tensor, norm_by_std: bool, eps: float
+) -> torch.Tensor:
+    """r - mean (/ std) with the group statistics over the on-policy rows; a zero std counts as 1."""
+    on = on_policy.to(rewards.dtype)
+    count = _segment_sum(on, seg)
+    mean = (_segment_sum(rewards * on, seg) / count.clamp(min=1))[seg.index]
+    centred = rewards - mean
+    if norm_by_std:
+        std = _safe_sqrt(_segment_sum((centred * on) ** 2, seg) / (count - 1).clamp(min=1))[seg.index]
+        centred = centred / (torch.where(std > 0, std, torch.ones_like(std)) + eps)
+    values = rewards.detach()
+    high = torch.where(on_policy, values, torch.full_like(values, -math.inf))
+    low = torch.where(on_policy, values, torch.full_like(values, math.inf))
+    high = values.new_full((seg.n,), -math.inf).scatter_reduce(0, seg.index, high, "amax")
+    low = values.new_full((seg.n,), math.inf).scatter_reduce(0, seg.index, low, "amin")
+    # on-policy rows of a group with one on-policy value, and every row of a constant group: exactly 0
+    constant = ((high == low)[seg.index] & on_policy) | _constant_rows(rewards, seg)
+    return torch.where(constant, torch.zeros_like(centred), centred)
+
+
+@ADVANTAGE_ESTIMATORS.register("gtpo", inputs=("entropy", "mask"))
+def gtpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    entropy_scale: float = 0.1,
+    entropy_threshold: float | None = 0.7,
+    norm_by_std: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GTPO's entropy-shaped advantage (arXiv 2508.03772), [B]:
+
+        A_i = (r_i - mean_g r) - entropy_scale * H_i     if H_i <= entropy_threshold
+        A_i = 0                                           otherwise,
+
+    H_i the mean of `entropy` [B, T] over row i's valid tokens (`mask`; 0 for an empty row), and
+    (r_i - mean_g r) / (std_g r + eps) instead with norm_by_std=True. A constant group gets 0 for
+    its group-relative part but still -0.1 * H_i: the code pushes the entropy of every calm
+    completion down. entropy_threshold=None keeps every row (the `gtpo` selection then drops the
+    high-entropy ones, as it does anyway).
+
+    Checked against the authors' code, winstonsmith1897/GTPO @5d33811e8ea1cf76c665db65b247cef9d1e436dd
+    (tests/golden/gtpo.json): gtpo/gtpo_training.py computes `advantages = rewards - group mean`
+    (the std division is commented out) in `_prepare_inputs`, then in
+    `UnslothEfficientGTPO.forward` `adv - ENT_SCALE * entropy` where entropy <= ENT_THRESHOLD and
+    0 elsewhere (ENT_SCALE = 0.1, ENT_THRESHOLD = 0.7; `compute_completion_stats` gives the mean
+    token entropy of the completion). The sign of the unshaped advantage decides GTPO's conflict
+    tokens: the `gtpo` selection reads it from the rewards (sign_from="rewards").
+    """
+    validate.check_ndim("rewards", rewards, 1)
+    validate.check_ndim("entropy", entropy, 2)
+    token_mask = validate.as_float_mask(mask, entropy)
+    if entropy.shape[0] != rewards.shape[0]:
+        raise ValueError(f"entropy must be [B, T] with B={rewards.shape[0]}, got shape {list(entropy.shape)}")
+    if not isinstance(norm_by_std, bool):
+        raise ValueError(f"norm_by_std must be a bool, got {norm_by_std!r}")
+    seg = _segments(group_ids, rewards)
+    base = _group_standardised(rewards, seg, eps) if norm_by_std else _group_centred(rewards, seg)
+    mean_entropy = (entropy * token_mask).sum(1) / token_mask.sum(1).clamp(min=1)
+    shaped = base - entropy_scale * mean_entropy.to(base.dtype)
+    if entropy_threshold is None:
+        return shaped
+    return torch.where(mean_entropy <= entropy_threshold, shaped, torch.zeros_like(shaped))
 
 
 @ADVANTAGE_ESTIMATORS.register("a_star")

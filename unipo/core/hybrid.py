@@ -9,8 +9,9 @@ SFT a row gets (CHORD's μ schedule, HPT's and AHPO's gates, GHPO's hints).
 
 Mixed groups (LUFFY, arXiv 2504.14945): each group holds the model's rollouts plus expert
 traces, and the group advantage is computed over all of them together, on- and off-policy
-members alike. That is just the ordinary group estimator (e.g. `grpo`) applied to the whole
-group, so no separate estimator exists for it.
+members alike. That is just the ordinary group estimator applied to the whole group (LUFFY's
+and RL-PLUS's released scripts: adv_estimator=grpo with grpo_use_std=False, i.e. `dr_grpo`), so
+no separate estimator exists for it.
 """
 
 from __future__ import annotations
@@ -65,16 +66,29 @@ def _on_policy_ppo(
     off_rows: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    clip: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The registered `ppo_clip` loss on the on-policy rows (its metrics cover only those tokens).
+    """The on-policy rows' loss (its metrics cover only those tokens).
 
-    Expert rows get old_logp := sg(logp) so their (unused) PPO branch stays finite whatever
-    the caller put there.
+    clip=True: the registered `ppo_clip` loss, −min(ρ·A, clip(ρ, 1 − ε_lo, 1 + ε_hi)·A).
+    clip=False: the unclipped surrogate −ρ·A (the released LUFFY / RL-PLUS scripts set
+    `loss_remove_clip=True`); `clip_frac` is then 0.
+    Expert rows get old_logp := sg(logp) so their (unused) branch stays finite whatever the
+    caller put there.
     """
+    if not isinstance(clip, bool):
+        raise ValueError(f"clip_on_policy must be a bool, got {clip!r}")
     safe_old = torch.where(off_rows, logp.detach(), old_logp)
     loss, metrics = POLICY_LOSSES.get("ppo_clip")(
         logp, safe_old, advantages, on_mask, eps_low=eps_low, eps_high=eps_high
     )
+    if clip:
+        return loss, metrics
+    valid = on_mask if on_mask.dtype == torch.bool else on_mask != 0
+    # log-ratio 0 off the mask: garbage log-probs on padding can never overflow exp()
+    log_ratio = torch.where(valid, logp - safe_old.detach(), torch.zeros_like(logp))
+    loss = torch.where(valid, -advantages * log_ratio.exp(), torch.zeros_like(logp))
+    metrics["clip_frac"] = torch.zeros_like(metrics["clip_frac"])
     return loss, metrics
 
 
@@ -127,23 +141,35 @@ def luffy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     shaping_gamma: float = 0.1,
+    clip_on_policy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LUFFY (arXiv 2504.14945): PPO on rollouts, shaped off-policy PG on expert traces.
+    """LUFFY (arXiv 2504.14945): policy gradient on rollouts, shaped off-policy PG on expert traces.
 
-        on-policy rows  (off_policy = False): ppo_clip(logp, old_logp, A; ε_lo, ε_hi)
+        on-policy rows  (off_policy = False): −A·ρ, ρ = π_θ/π_old                 (clip_on_policy=False)
+                                              ppo_clip(logp, old_logp, A; ε_lo, ε_hi)  (clip_on_policy=True)
         off-policy rows (off_policy = True):  −A · f(π_θ(y_t)),  f(p) = p / (p + γ)
 
-    The expert rows have no clipping, and no π_old: the paper takes the expert's own token
-    probability as 1 (the ratio is π_θ/1), so `old_logp` is ignored on those rows. The gradient
-    flows through π_θ = exp(logp). A is the group advantage over on- and off-policy members
-    together (see the module docstring). Metrics: ppo_clip's (over on-policy tokens) plus
+    Checked against the authors' code: `compute_token_on_off_policy_loss` in
+    luffy/verl/verl/mix_src/mix_core_alg.py of ElliottYan/LUFFY @01f4ae066249e6965ce0d5512ccdf99a12895c74,
+    off_policy_reshape="p_div_p_0.1" (γ = 0.1); tests/golden/luffy.json. Its released training script
+    (exp_scripts/train.sh) sets loss_remove_clip=True, so by default the on-policy surrogate is
+    unclipped; clip_on_policy=True is the paper's clipped objective (the code's
+    loss_remove_clip=False: clip(ρ, 1 − 0.2, max(clip_upper_bound = 1, 1.2))).
+    The expert rows have no clipping and no π_old: the expert's own token probability is taken
+    as 1 (the ratio is π_θ/1), so `old_logp` is ignored on those rows. The gradient flows
+    through π_θ = exp(logp). A is the group advantage over on- and off-policy members together
+    (the script: adv_estimator=grpo, grpo_use_std=False, i.e. `dr_grpo` over the whole group),
+    aggregated as Σ L·m / T_max (loss_remove_token_mean=True) with an entropy bonus of 0.001.
+    Metrics: ppo_clip's (over on-policy tokens; clip_frac is 0 when unclipped) plus
       off_policy_frac  fraction of valid tokens on expert rows
       off_policy_prob  mean π_θ on expert tokens
       off_shaped_mean  mean f(π_θ) on expert tokens
     """
     advantages, off_policy = _check_loss_inputs(logp, old_logp, advantages, mask, off_policy)
     valid, off_rows, off_tokens, on_mask = _split_rows(mask, off_policy)
-    on_loss, metrics = _on_policy_ppo(logp, old_logp, advantages, on_mask, off_rows, eps_low, eps_high)
+    on_loss, metrics = _on_policy_ppo(
+        logp, old_logp, advantages, on_mask, off_rows, eps_low, eps_high, clip_on_policy
+    )
     prob = torch.exp(logp)
     shaped = policy_shaping(prob, shaping_gamma)
     off_loss = -advantages * shaped
@@ -171,30 +197,46 @@ def rl_plus_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     expert_prob: float = 1.0,
+    clip_on_policy: bool = False,
+    explore_gamma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """RL-PLUS (arXiv 2508.00222): PPO on rollouts, multiple importance sampling on expert tokens.
+    """RL-PLUS (arXiv 2508.00222): PG on rollouts, multiple importance sampling on expert tokens.
 
-        on-policy rows:  ppo_clip(logp, old_logp, A; ε_lo, ε_hi)
-        expert rows:     −A · π_θ(e_t) / (½·π_old(e_t) + ½·π_ω(e_t)),   no clipping
+        on-policy rows:  −A·ρ (clip_on_policy=False)  or  ppo_clip(logp, old_logp, A; ε_lo, ε_hi) (True)
+        expert rows:     −A · (1 − sg π_θ(e_t))^γx · π_θ(e_t) / (½·π_old(e_t) + ½·π_ω(e_t)),  no clipping
 
-    The expert policy π_ω is unknown; as in the authors' code its proxy is the mixture
-    π_ω = ½·(π_old + p_e) of the old policy and a point-mass expert with probability
-    p_e = `expert_prob` (1 by default), so the denominator is ¾·π_old + ¼·p_e: bounded away from
-    0 (low variance) and close to π_old where the model already agrees with the expert.
-    On expert rows `old_logp` must be π_old's log-prob of the expert tokens.
-    The exploration-based advantage A·(1 − sg π)^γ is the `rl_plus_explore` advantage
-    estimator; pass its output as `advantages`. Metrics: ppo_clip's (on-policy tokens) plus
+    Checked against the authors' code: `compute_token_on_off_policy_loss` with
+    off_policy_strategy="RL-PLUS" in rl_plus/verl/verl/recipe/rlplus_core_alg.py of
+    YihongDong/RL-PLUS @eb4aa4d4e2d7ce206056f9d7740138bfc94fad8f; tests/golden/rl_plus.json. The
+    expert policy π_ω is unknown; its proxy is the mixture π_ω = ½·(π_old + p_e) of the old policy
+    and a point-mass expert with probability p_e = `expert_prob` (1 there), so the denominator is
+    ¾·π_old + ¼·p_e: bounded away from 0 and close to π_old where the model already agrees with
+    the expert. On expert rows `old_logp` must be π_old's log-prob of the expert tokens. The
+    released script (exp_scripts/train_RL-PLUS.sh) sets loss_remove_clip=True: by default the
+    on-policy surrogate is unclipped; clip_on_policy=True gives the clipped (paper) form.
+    The exploration weight (1 − sg π_θ)^γx (γx = 0.5) is applied inside the loss there, with the
+    current π_θ. Here it is either the `rl_plus_explore` advantage estimator (explore_gamma=0,
+    the default: pass its output as `advantages`; equal to the code while π_θ = π_old, i.e. in
+    a batch's first update) or this loss's explore_gamma=0.5 with a plain group advantage (equal
+    in every update). Never both. Metrics: ppo_clip's (on-policy tokens; clip_frac 0 when
+    unclipped) plus
       off_policy_frac, off_policy_prob (mean π_θ on expert tokens),
       off_ratio_mean   mean MIS ratio on expert tokens
     """
     advantages, off_policy = _check_loss_inputs(logp, old_logp, advantages, mask, off_policy)
     expert_prob = _require_number("expert_prob", expert_prob, low=0.0, low_open=True)
+    explore_gamma = _require_number("explore_gamma", explore_gamma, low=0.0)
     valid, off_rows, off_tokens, on_mask = _split_rows(mask, off_policy)
-    on_loss, metrics = _on_policy_ppo(logp, old_logp, advantages, on_mask, off_rows, eps_low, eps_high)
+    on_loss, metrics = _on_policy_ppo(
+        logp, old_logp, advantages, on_mask, off_rows, eps_low, eps_high, clip_on_policy
+    )
     prob, old_prob = torch.exp(logp), torch.exp(old_logp)
     expert_proxy = 0.5 * (old_prob + expert_prob)
     ratio = prob / (0.5 * old_prob + 0.5 * expert_proxy)
     off_loss = -advantages * ratio
+    if explore_gamma:
+        # (1 − sg π)^γx with 1 − exp(logp) via expm1: exact for probabilities near 1
+        off_loss = off_loss * (-torch.expm1(logp.detach())).clamp(min=0) ** explore_gamma
     metrics = {key: torch.nan_to_num(value.detach()) for key, value in metrics.items()}
     metrics.update(
         off_policy_frac=_masked_mean(off_tokens.to(logp.dtype), valid),
@@ -208,23 +250,10 @@ def rl_plus_loss(
 # CHORD
 
 
-def chord_mix(rl_loss: torch.Tensor, sft_loss: torch.Tensor, mu: float | torch.Tensor) -> torch.Tensor:
-    """CHORD (arXiv 2508.11408): L = (1 − μ)·L_RL + μ·L_SFT, μ in [0, 1] from `chord_mu_schedule`."""
-    if isinstance(mu, torch.Tensor):
-        if mu.dim() != 0:
-            raise ValueError(f"mu must be a scalar, got shape {list(mu.shape)}")
-    else:
-        mu = _require_number("mu", mu, low=0.0)
-        if mu > 1.0:
-            raise ValueError(f"mu must be in [0, 1], got {mu}")
-    validate.check_same_shape(rl_loss=rl_loss, sft_loss=sft_loss)
-    return (1.0 - mu) * rl_loss + mu * sft_loss
-
-
 def chord_mu_schedule(
     step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int
 ) -> float:
-    """CHORD's global SFT weight μ at `step` (arXiv 2508.11408; as in the authors' Trinity-RFT code).
+    """CHORD's global SFT weight μ at `step` (arXiv 2508.11408).
 
         step < warmup:                  μ = μ_peak · step / warmup          (linear warm-up from 0)
         warmup <= step < warmup+decay:  μ = μ_valley + (μ_peak − μ_valley)·½(1 + cos(π·(step−warmup)/decay))
@@ -232,7 +261,11 @@ def chord_mu_schedule(
 
     i.e. a linear warm-up then a cosine decay from μ_peak to μ_valley, moving training from
     imitation to on-policy exploration. warmup_steps = 0 skips the warm-up; decay_steps = 0
-    jumps straight to μ_valley.
+    jumps straight to μ_valley. Checked against the authors' `mu_schedule_function` in
+    trinity/algorithm/policy_loss_fn/chord_policy_loss.py of modelscope/Trinity-RFT
+    @041433056e9067e35a42a3943ecbaf89bef24518 (tests/golden/chord.json). Their example config
+    (examples/mix_chord/mix_chord.yaml) runs warmup 200, decay 400, μ 0.5 -> 0.02 and notes
+    CHORD-μ = (0, 200, 0.9 -> 0.05) and CHORD-φ = constant μ = 0.1 (0, 0, 0.1 -> 0.1).
     """
     for name, value in (("step", step), ("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -241,7 +274,7 @@ def chord_mu_schedule(
         if _require_number(name, value, low=0.0) > 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     if step < warmup_steps:
-        return mu_peak * step / warmup_steps
+        return step / warmup_steps * mu_peak
     if step >= warmup_steps + decay_steps:
         return float(mu_valley)
     cosine = 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
@@ -254,6 +287,9 @@ def chord_phi_weights(logp: torch.Tensor) -> torch.Tensor:
     Tokens the policy already finds near-certain (p ≈ 1) or near-impossible (p ≈ 0) are
     down-weighted, so expert data nudges the uncertain tokens without disrupting the rest.
     Use as `loss_sft = −φ · logp` per token. Detached: φ is a weight, not part of the objective.
+    Checked against the authors' `phi_function` / `SFTPhiLossFn` (token-mean of −logp·sg φ over the
+    expert tokens) in trinity/algorithm/policy_loss_fn/chord_policy_loss.py of
+    modelscope/Trinity-RFT @041433056e9067e35a42a3943ecbaf89bef24518 (tests/golden/chord.json).
     """
     prob = torch.exp(logp.detach())
     return prob * (1.0 - prob)
@@ -382,37 +418,48 @@ def calibrl_advantage(
     logp: torch.Tensor,
     expert_logp: torch.Tensor,
     off_policy: torch.Tensor | None = None,
-    success_reward: float = 1.0,
+    pass_threshold: float = 0.1,
+    success_reward: float | None = None,
+    norm_by_std: bool = False,
     negative_slope: float = 0.5,
-    guide_coef: float = 1.0,
+    guide_coef: float = 0.1,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """CalibRL (arXiv 2602.20197): group advantage plus an expert-calibrated term, [B, T].
 
-    What the authors' code optimises, per on-policy token, is the PPO loss with the GRPO
-    advantage A_i plus a guided term
+    What the authors' code optimises, per on-policy token, is the PPO loss with the group
+    advantage A_i plus guide_coef times a guided term,
 
-        L_guide = |A_i| · LeakyReLU_α(s_i · (log π_e(t) − log π(y_{i,t})))
+        L = L_PPO(A_i) + 0.1 · |A_i| · LeakyReLU_α(s_i · (log π_e(t) − log π(y_{i,t}))),
 
     with s_i = +1 for a correct rollout and −1 otherwise, log π_e(t) the old policy's log-prob
     of the group's expert trace at the same position t (the calibration baseline), and α = 0.5.
-    |A_i| is the "group rareness" weight: with std-normalised group advantages a rare outcome
-    (one success among many failures, or the reverse) gets a large |A|. The LeakyReLU is the
-    asymmetric activation: where the rollout is less confident than the expert on a correct
-    answer (or more confident on a wrong one) the update is full; where it is already past the
-    expert baseline it is damped to α, keeping its direction.
+    |A_i| is the "group rareness" weight. The LeakyReLU is the asymmetric activation: where the
+    rollout is less confident than the expert on a correct answer (or more confident on a wrong
+    one) the update is full; where it is already past the expert baseline it is damped to α,
+    keeping its direction.
 
     An advantage estimator cannot see π_θ during the update, so we return the advantage whose
-    policy gradient equals that of the guided term at π = π_old (its derivative in log π):
+    policy gradient equals that of L at π = π_old (its derivative in log π):
 
         Â[i,t] = A_i + guide_coef · s_i · |A_i| · (1 if s_i·(expert_logp − logp) > 0 else α)
 
-    to be used with a ratio loss such as `ppo_clip`. `logp` is π_old's log-probs of each row,
-    `expert_logp` [B, T] the old log-probs of that row's group expert trace, position-aligned
-    (the trainer copies the expert row across the group). A_i = (r − mean_g r)/(std_g r + eps)
-    over the group's on-policy rows (unbiased std); groups with fewer than two on-policy rows
-    or equal rewards get 0. Expert rows (`off_policy`) get 0: CalibRL uses the expert only as
-    the baseline, never as a training target. Correct means reward >= `success_reward`.
+    to be used with a ratio loss (`dual_clip` with c = 3 is the code's; `ppo_clip` has the same
+    gradient at π = π_old). `logp` is π_old's log-probs of each row, `expert_logp` [B, T] the old
+    log-probs of that row's group expert trace, position-aligned (the trainer copies the expert
+    row across the group). A_i = r − mean_g r over the group's on-policy rows, divided by
+    (std_g r + eps) (unbiased std) when norm_by_std=True; groups with fewer than two on-policy
+    rows or equal rewards get 0. Expert rows (`off_policy`) get 0: CalibRL uses the expert only
+    as the baseline; the code drops them from the loss and from its token-mean denominator.
+    Correct means reward > `pass_threshold`, or reward >= `success_reward` when that is given.
+
+    Checked against the authors' code, zhh6425/CalibRL @0efd799160ec69a3c212e75ba4eb6334c721b8ec
+    (tests/golden/calibrl.json): `compute_mix_grpo_outcome_advantage` and `compute_mix_policy_loss`
+    (mix_policy_loss="expert-guided") in src/core_algos.py, combined as pg_loss + 0.1·guided_loss
+    in src/dp_actor.py; the defaults are the released script's
+    (src/examples/run_qwen25vl7b_virl_mix_policy.sh: norm_adv_by_std_in_grpo=False, pass = score
+    > 0.1, guide weight 0.1). The paper's std-normalised rareness weight is norm_by_std=True.
+    One difference is kept: a group with a single on-policy rollout gets 0 here, r − 0 there.
     """
     validate.check_ndim("rewards", rewards, 1)
     batch = rewards.shape[0]
@@ -427,6 +474,11 @@ def calibrl_advantage(
     negative_slope = _require_number("negative_slope", negative_slope, low=0.0)
     guide_coef = _require_number("guide_coef", guide_coef)
     eps = _require_number("eps", eps, low=0.0)
+    pass_threshold = _require_number("pass_threshold", pass_threshold)
+    if success_reward is not None:
+        success_reward = _require_number("success_reward", success_reward)
+    if not isinstance(norm_by_std, bool):
+        raise ValueError(f"norm_by_std must be a bool, got {norm_by_std!r}")
     on_policy = torch.ones(batch, dtype=torch.bool, device=rewards.device)
     if off_policy is not None:
         if not isinstance(off_policy, torch.Tensor) or off_policy.dtype != torch.bool:
@@ -442,9 +494,11 @@ def calibrl_advantage(
     total = torch.zeros_like(count).index_add_(0, group_index, values * weight)
     mean = total / count.clamp(min=1)
     deviation = (values - mean[group_index]) * weight
-    square = torch.zeros_like(count).index_add_(0, group_index, deviation**2)
-    std = torch.sqrt(square / (count - 1).clamp(min=1))
-    advantage = deviation / (std[group_index] + eps)
+    advantage = deviation
+    if norm_by_std:
+        square = torch.zeros_like(count).index_add_(0, group_index, deviation**2)
+        std = torch.sqrt(square / (count - 1).clamp(min=1))
+        advantage = deviation / (std[group_index] + eps)
     # Equal on-policy rewards leave a rounding residue in r − mean: pin such groups to exactly 0.
     high = torch.full_like(count, -math.inf).scatter_reduce(
         0, group_index, torch.where(on_policy, values, torch.full_like(values, -math.inf)), "amax"
@@ -455,7 +509,8 @@ def calibrl_advantage(
     informative = (count >= 2) & (high > low)
     advantage = torch.where(informative[group_index] & on_policy, advantage, torch.zeros_like(advantage))
 
-    sign = torch.where(rewards >= success_reward, 1.0, -1.0).to(dtype)
+    correct = rewards > pass_threshold if success_reward is None else rewards >= success_reward
+    sign = torch.where(correct, 1.0, -1.0).to(dtype)
     gap = sign.unsqueeze(1) * (expert_logp - logp)
     slope = torch.where(gap > 0, torch.ones_like(gap), torch.full_like(gap, negative_slope))
     guided = sign.unsqueeze(1) * advantage.abs().unsqueeze(1) * slope

@@ -36,7 +36,7 @@ PolicyLoss = Callable[..., tuple[torch.Tensor, Metrics]]
 
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 # --------------------------------------------------------------------------------------------
 # shared pieces
@@ -317,7 +317,7 @@ def dhpo(
 @POLICY_LOSSES.register("cpgd")
 def cpgd(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    *, eps_low: float = 0.2, eps_high: float = 0.2, drift_coef: float = 0.1,
+    *, eps_low: float = 0.2, eps_high: float = 0.2, drift_coef: float = 0.1, drift_clip: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """CPGD (Liu et al., arXiv 2505.12504): a policy-gradient objective on log ρ instead of ρ,
     clipped in log space, plus a policy-drift penalty α·KL(π_old‖π):
@@ -327,9 +327,11 @@ def cpgd(
     ∇(log ρ·A) = A·∇logp: the plain policy gradient, without the importance weight that lets
     PPO-style updates blow up. The drift is estimated per token with ρ − 1 − log ρ, the k3
     estimator of KL(π_old‖π), unbiased on π_old's samples and ≥ 0.
-    Choices: only the abstract was available to check against, so the per-token form, the
-    k3 drift estimate and the default α = drift_coef = 0.1 are ours (eps as in PPO).
-    Metric `drift`: masked mean of the per-token drift estimate.
+    drift_clip = c (the authors' siiRL code, siirl/dag_worker/core_algos.py @af00a771): the drift
+    term becomes α·sg(min(ρ − 1, c))·logp, whose gradient α·min(ρ − 1, c)·∇logp is the k3 term's
+    (ρ − 1)·∇logp capped at c; the `cpgd` recipe uses their α = 0.001, c = 2. The clipped
+    log-ratio PG term above matches their clamp of logp around logp_old in value and gradient.
+    Metric `drift`: masked mean of the per-token k3 drift estimate ρ − 1 − log ρ.
     """
     eps_low = _require_number("eps_low", eps_low, low=0.0, high=1.0)
     eps_high = _require_number("eps_high", eps_high, low=0.0)
@@ -342,6 +344,9 @@ def cpgd(
     metrics = _ratio_metrics(log_ratio, m, clipped)
     with torch.no_grad():
         metrics["drift"] = _masked_mean(drift, m)
+    if drift_clip is not None:
+        cap = _require_number("drift_clip", drift_clip, low=0.0)
+        drift = torch.expm1(log_ratio).clamp(max=cap).detach() * logp  # gradient min(ρ − 1, c)·∇logp
     return _masked(policy_term + drift_coef * drift, m), metrics
 
 
@@ -396,6 +401,20 @@ def reinforce(
     """REINFORCE (Williams 1992): L = −A·logp (denominator sg[π]: no importance weight)."""
     m, adv, log_ratio = _prepare(logp, old_logp, advantages, mask)
     return _masked(-adv * logp, m), _ratio_metrics(log_ratio, m, None)
+
+
+@POLICY_LOSSES.register("unclipped")
+def unclipped(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+) -> tuple[torch.Tensor, Metrics]:
+    """The importance-weighted policy gradient without a trust region: L = −ρ·A per token.
+
+    What the LUFFY, HPT and RL-PLUS training scripts run on their rollouts (`loss_remove_clip=True`
+    in their verl forks, e.g. ElliottYan/LUFFY @01f4ae06 luffy/verl/verl/mix_src/mix_core_alg.py).
+    With one update per batch (ρ = 1) its gradient is REINFORCE's −A·∇logp.
+    """
+    m, adv, log_ratio = _prepare(logp, old_logp, advantages, mask)
+    return _masked(-adv * log_ratio.exp(), m), _ratio_metrics(log_ratio, m, None)
 
 
 @POLICY_LOSSES.register("sft")
@@ -495,6 +514,8 @@ def aggregation_denominator(mask: torch.Tensor, mode: str, max_len: int | None =
     - token_mean:              Σ m                 (tokens in the batch; DAPO arXiv 2503.14476)
     - seq_mean_token_mean:     #rows with Σ_t m > 0 (all-masked rows are not counted; GRPO
                                arXiv 2402.03300)
+    - seq_mean_token_sum:      #rows with Σ_t m > 0, over token SUMS: a mean over sequences of
+                               their summed losses (verl's "seq-mean-token-sum"; BNPO's code)
     - seq_mean_token_sum_norm: B · T_max, T_max = max_len (the generation budget) if given,
                                else the mask's T; every row counts, the normaliser is a
                                constant by design (Dr. GRPO arXiv 2503.20783)
@@ -504,7 +525,7 @@ def aggregation_denominator(mask: torch.Tensor, mode: str, max_len: int | None =
     m = mask if mask.is_floating_point() else mask.float()
     if mode == "token_mean":
         return m.sum()
-    if mode == "seq_mean_token_mean":
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
         return (m.sum(1) > 0).to(m.dtype).sum()
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < m.shape[1]):
         raise ValueError(f"max_len must be an int >= the mask's T={m.shape[1]}, got {max_len!r}")
@@ -518,7 +539,7 @@ def aggregate(
 ) -> torch.Tensor:
     """One 0-dim loss from per-token losses: numerator(mode) / denominator.
 
-    numerator: Σ_i,t L·m for token_mean and seq_mean_token_sum_norm; Σ_i (Σ_t L·m / Σ_t m) for
+    numerator: Σ_i,t L·m for token_mean, seq_mean_token_sum and seq_mean_token_sum_norm; Σ_i (Σ_t L·m / Σ_t m) for
     seq_mean_token_mean (an all-masked row adds 0). denominator: `aggregation_denominator(mask,
     mode, max_len)` unless given. For gradient accumulation pass the full batch's denominator to
     every micro-batch: the micro-batch results then sum exactly to the full-batch aggregate.
@@ -572,6 +593,7 @@ def compute_policy_loss(
     fn = POLICY_LOSSES.get(name)
     _check_mode(agg)
     POLICY_LOSSES.check_params(name, params)
+    POLICY_LOSSES.check_inputs(name, params)
     if weights is not None:
         check_same_shape(weights=weights, logp=logp)
     if check_finite:

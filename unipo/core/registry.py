@@ -72,6 +72,13 @@ class Registry(Mapping[str, F], Generic[F]):
             raise ValueError(f"{self.kind} {name!r}: unknown params {unknown}, missing params {missing}; "
                              f"it accepts {sorted(accepted) or 'no params'}")
 
+    def check_inputs(self, name: str, given: Collection[str]) -> None:
+        """ValueError naming the declared batch inputs of `name` that it requires and `given` lacks."""
+        params = inspect.signature(self.get(name)).parameters
+        missing = [k for k in self.inputs(name) if k not in given and params[k].default is params[k].empty]
+        if missing:
+            raise ValueError(f"{self.kind} {name!r} needs the batch inputs {missing}")
+
     def __getitem__(self, name: str) -> F:
         return self.get(name)
 

@@ -203,8 +203,12 @@ def _select_high_entropy_tokens(mask, *, rewards, advantages, entropy, group_ids
 
 
 @SELECTIONS.register("cppo")
-def _select_cppo(mask, *, rewards, advantages, entropy, group_ids, keep=0.5) -> torch.Tensor:
+def _select_cppo(mask, *, rewards, advantages, entropy, group_ids, keep=0.5, scope="group") -> torch.Tensor:
     """CPPO (arXiv 2503.22342): keep the k completions of each group with the largest |A|.
+
+    scope="batch" ranks all the batch's completions together, as the authors' verl code does
+    (lzhxmu/CPPO @52faeb37 cppo_verl/recipe/cppo/src/cppo_ray_trainer.py: top-k of |A| over the
+    whole batch, which was enlarged by 1/(1 − P) prompts so the kept rows fill a normal batch).
 
     `keep` is a count (int >= 1; a smaller group keeps all its rows) or a fraction of the group
     (float in (0, 1]: k = ceil(keep · G)). The paper prunes at rate P and keeps k = G·(1 − P)
@@ -212,7 +216,12 @@ def _select_cppo(mask, *, rewards, advantages, entropy, group_ids, keep=0.5) -> 
     lower row index.
     """
     valid = _valid(mask)
-    group_index, n_groups = validate.group_index(group_ids)
+    if scope == "group":
+        group_index, n_groups = validate.group_index(group_ids)
+    elif scope == "batch":
+        group_index, n_groups = torch.zeros_like(group_ids, dtype=torch.int64), 1
+    else:
+        raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}")
     score = _sequence_advantage(advantages, valid).abs()
     rank, _, counts = _rank_within_group(group_index, n_groups, score, descending=True)
     if isinstance(keep, bool) or not isinstance(keep, Real):
@@ -351,21 +360,37 @@ def d3s_schedule(
 
 @SELECTIONS.register("gtpo", inputs=("entropy", "token_ids"))
 def _select_gtpo(
-    mask, *, rewards, advantages, entropy, group_ids, token_ids, entropy_threshold=0.7, positive_conflict_weight=2.0
+    mask, *, rewards, advantages, entropy, group_ids, token_ids, entropy_threshold=0.7, positive_conflict_weight=2.0,
+    conflict_scope="runs", divide_by_conflicts=True, sign_from="rewards",
 ) -> torch.Tensor:
     """GTPO (arXiv 2508.03772): protect conflict tokens and drop high-entropy completions.
 
-    A conflict token is a valid token whose (position t, token id) pair occurs in both a
-    positive-advantage and a negative-advantage completion of the same group. Its negative
-    updates are skipped (weight 0 on rows with A < 0) and its positive ones amplified (weight
-    `positive_conflict_weight` on rows with A > 0; 2.0 as in the authors' code). Other valid
-    tokens weigh 1. A completion whose mean token entropy exceeds `entropy_threshold` (0.7 in
-    the authors' code) is dropped entirely; `entropy_threshold=None` disables this filter.
+    A completion is positive or negative by the sign of its group-relative advantage:
+    sign_from="rewards" (default) uses r − mean_g r (0 for a group of equal rewards), the code's
+    unshaped advantage, so the sign is right even when `advantages` carry GTPO's entropy shaping;
+    sign_from="advantages" uses the given advantages. A conflict token is a valid token of a
+    positive or negative completion whose token id also occurs at the same place in a completion
+    of the opposite sign in the same group:
 
-    Choices: the paper's text matches conflicts at any position, which is what we do; the
-    authors' released code only counts the leading and trailing runs of conflicting positions.
-    The authors' extra entropy shaping of the advantage (A − 0.1·H̄) belongs to the advantage
-    slot, not here.
+      conflict_scope="runs" (default, the authors' code): "same place" is the same position from
+        the start, for the completion's leading run of such tokens, or the same distance from
+        the completion's last valid token, for its trailing run; only tokens in those runs count.
+      conflict_scope="any" (the paper's text): the same position, anywhere in the completion.
+
+    Weights: a conflict token of a negative completion gets 0 (its negative update is skipped);
+    of a positive one `positive_conflict_weight` (2.0 in the code), and with "runs" a token in
+    both the leading and the trailing run gets it twice over (2·2 = 4, as the code's product of
+    its forward and backward masks). Other valid tokens weigh 1. With divide_by_conflicts=True
+    (the code) each completion's weights are divided by its number of conflict tokens (at least
+    1). A completion whose mean token entropy exceeds `entropy_threshold` (0.7 in the code) is
+    dropped entirely; `entropy_threshold=None` disables this filter. The code's entropy shaping
+    of the advantage (A − 0.1·H̄) is the `gtpo` advantage estimator.
+
+    Checked against the authors' code, winstonsmith1897/GTPO @5d33811e8ea1cf76c665db65b247cef9d1e436dd
+    (tests/golden/gtpo.json): `build_conflict_mask` and `UnslothEfficientGTPO.forward` in
+    gtpo/gtpo_training.py, whose per-completion loss is Σ_t −A·δ_t·ρ_t / n_tokens / n_conflicts,
+    i.e. these weights times a per-sequence token mean (aggregate with `seq_mean_token_mean`;
+    the code sums over completions and keeps zero-weight tokens in each row's token count).
     """
     if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
         raise ValueError(f"token_ids must be an integer [B, T] tensor, got {getattr(token_ids, 'dtype', token_ids)}")
@@ -374,28 +399,41 @@ def _select_gtpo(
         raise ValueError(f"positive_conflict_weight must be a number > 0, got {positive_conflict_weight!r}")
     if positive_conflict_weight <= 0:
         raise ValueError(f"positive_conflict_weight must be > 0, got {positive_conflict_weight}")
+    if conflict_scope not in ("runs", "any"):
+        raise ValueError(f"conflict_scope must be 'runs' or 'any', got {conflict_scope!r}")
+    if sign_from not in ("rewards", "advantages"):
+        raise ValueError(f"sign_from must be 'rewards' or 'advantages', got {sign_from!r}")
+    if not isinstance(divide_by_conflicts, bool):
+        raise ValueError(f"divide_by_conflicts must be a bool, got {divide_by_conflicts!r}")
     valid = _valid(mask)
-    batch, length = valid.shape
-    sequence_advantage = _sequence_advantage(advantages, valid)
+    if sign_from == "rewards":
+        sequence_advantage = _group_centred_rewards(rewards, group_ids)
+    else:
+        sequence_advantage = _sequence_advantage(advantages, valid)
     positive, negative = sequence_advantage > 0, sequence_advantage < 0
-
-    # One key per (group, position, token): conflicts are keys seen in a positive and a negative row.
     group_index, _ = validate.group_index(group_ids)
-    positions = torch.arange(length, device=valid.device).expand(batch, length)
-    keys = torch.stack([group_index.unsqueeze(1).expand(batch, length), positions, token_ids.to(torch.int64)], -1)
-    unique_keys, key_index = torch.unique(keys.reshape(-1, 3), dim=0, return_inverse=True)
-    n_keys = unique_keys.shape[0]
-    in_positive = (valid & positive.unsqueeze(1)).reshape(-1).to(torch.int64)
-    in_negative = (valid & negative.unsqueeze(1)).reshape(-1).to(torch.int64)
-    seen_positive = torch.zeros(n_keys, dtype=torch.int64, device=valid.device).index_add_(0, key_index, in_positive)
-    seen_negative = torch.zeros(n_keys, dtype=torch.int64, device=valid.device).index_add_(0, key_index, in_negative)
-    conflict = ((seen_positive[key_index] > 0) & (seen_negative[key_index] > 0)).reshape(batch, length) & valid
+
+    if conflict_scope == "any":
+        leading = _opposite_sign_match(group_index, _position_keys(valid, from_end=False), token_ids, valid,
+                                       positive, negative)
+        trailing = torch.zeros_like(leading)
+    else:
+        leading = _leading_run(_opposite_sign_match(
+            group_index, _position_keys(valid, from_end=False), token_ids, valid, positive, negative), valid)
+        trailing = _leading_run(_opposite_sign_match(
+            group_index, _position_keys(valid, from_end=True), token_ids, valid, positive, negative).flip(1),
+            valid.flip(1)).flip(1)
+    active = (positive | negative).unsqueeze(1)
+    conflict = (leading | trailing) & active
 
     dtype = _weight_dtype(advantages)
+    weight = float(positive_conflict_weight)
+    boost = torch.where(leading, weight, 1.0) * torch.where(trailing, weight, 1.0)
     weights = valid.to(dtype)
     weights = torch.where(conflict & negative.unsqueeze(1), torch.zeros_like(weights), weights)
-    amplified = torch.full_like(weights, float(positive_conflict_weight))
-    weights = torch.where(conflict & positive.unsqueeze(1), amplified, weights)
+    weights = torch.where(conflict & positive.unsqueeze(1), boost.to(dtype), weights)
+    if divide_by_conflicts:
+        weights = weights / conflict.sum(1, keepdim=True).clamp(min=1).to(dtype)
     if entropy_threshold is not None:
         if isinstance(entropy_threshold, bool) or not isinstance(entropy_threshold, Real):
             raise ValueError(f"entropy_threshold must be a number or None, got {entropy_threshold!r}")
@@ -403,6 +441,48 @@ def _select_gtpo(
         calm = _row_mean(entropy, valid) <= entropy_threshold
         weights = weights * calm.unsqueeze(1).to(dtype)
     return weights
+
+
+def _group_centred_rewards(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """r − mean_g r per row [B], exactly 0 in a group of equal rewards (no rounding residue)."""
+    group_index, n_groups = validate.group_index(group_ids)
+    values = rewards.to(torch.float64)
+    total = values.new_zeros(n_groups).index_add_(0, group_index, values)
+    count = values.new_zeros(n_groups).index_add_(0, group_index, torch.ones_like(values))
+    centred = values - (total / count)[group_index]
+    return torch.where(informative_groups(rewards, group_ids), centred, torch.zeros_like(centred))
+
+
+def _position_keys(valid: torch.Tensor, *, from_end: bool) -> torch.Tensor:
+    """[B, T] int64: each token's position (from_end=False) or its number of later valid tokens
+    in the row (from_end=True: 0 for the last valid token)."""
+    if not from_end:
+        return torch.arange(valid.shape[1], device=valid.device).expand(valid.shape)
+    count = valid.to(torch.int64)
+    return count.sum(1, keepdim=True) - count.cumsum(1)
+
+
+def _opposite_sign_match(
+    group_index: torch.Tensor, places: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor,
+    positive: torch.Tensor, negative: torch.Tensor,
+) -> torch.Tensor:
+    """Bool [B, T]: the valid tokens whose (group, place, token id) key is held by a valid token of
+    a positive and of a negative completion."""
+    batch, length = valid.shape
+    keys = torch.stack([group_index.unsqueeze(1).expand(batch, length), places, token_ids.to(torch.int64)], -1)
+    unique_keys, key_index = torch.unique(keys.reshape(-1, 3), dim=0, return_inverse=True)
+    n_keys = unique_keys.shape[0]
+    in_positive = (valid & positive.unsqueeze(1)).reshape(-1).to(torch.int64)
+    in_negative = (valid & negative.unsqueeze(1)).reshape(-1).to(torch.int64)
+    seen_positive = torch.zeros(n_keys, dtype=torch.int64, device=valid.device).index_add_(0, key_index, in_positive)
+    seen_negative = torch.zeros(n_keys, dtype=torch.int64, device=valid.device).index_add_(0, key_index, in_negative)
+    return ((seen_positive[key_index] > 0) & (seen_negative[key_index] > 0)).reshape(batch, length) & valid
+
+
+def _leading_run(match: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the valid tokens before which (among the row's valid tokens) every one matches."""
+    misses = (valid & ~match).to(torch.int64).cumsum(1)
+    return valid & match & (misses == 0)
 
 
 @SELECTIONS.register("egsw", inputs=("entropy",))
@@ -474,6 +554,7 @@ def compute_selection(
     select = SELECTIONS.get(name)
     _check_inputs(mask, rewards, advantages, entropy, group_ids)
     SELECTIONS.check_params(name, params, shared=("rewards", "advantages", "entropy", "group_ids"))
+    SELECTIONS.check_inputs(name, {*params, "entropy"})  # entropy: a shared argument, checked by each rule
     if check_finite:
         for key, value in {"rewards": rewards, "advantages": advantages, "entropy": entropy, **params}.items():
             if isinstance(value, torch.Tensor):
