@@ -45,6 +45,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {}
 _COST = {"ghpo": 3, "dapo": 3}
 
 HISTORY_KEYS = ("reward_mean", "accuracy", "response_len_mean", "loss", "sft_loss", "entropy", "step_seconds",
+                "clip_frac", "actor/ratio_max", "actor/updates", "actor/skipped_updates",
                 "mix/mu", "mix/sft_prompt_frac", "rollout/generation_rounds")
 
 
@@ -346,7 +347,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 METRICS = (("accuracy", "held-out acc (greedy)"), ("pass@1", "pass@1"), ("pass@8", "pass@8"),
-           ("response_len_mean", "resp len"), ("train_seconds", "train s"))
+           ("response_len_mean", "resp len"), ("clip_frac", "clip frac"), ("train_seconds", "train s"))
+
+
+def _run_value(run: dict[str, Any], key: str) -> float:
+    """A run's figure for the table: timing and the clip fraction (mean over its steps) from training,
+    the rest from the final evaluation."""
+    if key == "train_seconds":
+        return run["train_seconds"]
+    if key == "clip_frac":
+        values = [m["clip_frac"] for m in run["history"] if m.get("clip_frac") is not None]
+        return statistics.fmean(values) if values else math.nan
+    return run["final"].get(key)
 
 
 def summarise(cfg: StudyConfig, warm: list[dict], runs: list[dict], total_seconds: float,
@@ -357,7 +369,7 @@ def summarise(cfg: StudyConfig, warm: list[dict], runs: list[dict], total_second
     rows = []
     warm_row = {"recipe": "warm start (step 0)", "family": "-", "n_seeds": len(warm), "errors": []}
     for key, _ in METRICS:
-        values = [w["train_seconds"] if key == "train_seconds" else w["eval"].get(key) for w in warm]
+        values = [w["train_seconds"] if key == "train_seconds" else w["eval"].get(key, math.nan) for w in warm]
         warm_row[key], warm_row[f"{key}_std"] = _mean_std(values)
     rows.append(warm_row)
     for name in cfg.recipes:
@@ -365,7 +377,7 @@ def summarise(cfg: StudyConfig, warm: list[dict], runs: list[dict], total_second
         row = {"recipe": name, "family": mine[0]["family"] if mine else "?", "n_seeds": len(mine),
                "errors": [r["error"] for r in mine if r["error"]]}
         for key, _ in METRICS:
-            values = [r["train_seconds"] if key == "train_seconds" else r["final"].get(key) for r in mine]
+            values = [_run_value(r, key) for r in mine]
             row[key], row[f"{key}_std"] = _mean_std(values)
         gains = [r["final"]["accuracy"] - w["eval"]["accuracy"] for r in mine for w in warm if w["seed"] == r["seed"]]
         row["gain"], row["gain_std"] = _mean_std(gains)

@@ -371,6 +371,7 @@ def aggregation(core_algos: Any) -> None:
          {"global_batch_size": 6}, {"mode": "seq_mean_token_sum_norm"}),
         ("seq_mean_token_mean_global_batch", "seq-mean-token-mean", "no_empty_row", {"global_batch_size": 6},
          {"mode": "seq_mean_token_mean"}),
+        ("seq_mean_token_sum", "seq-mean-token-sum", "no_empty_row", {}, {"mode": "seq_mean_token_sum"}),
         # documented differences in the row count when a row is all-masked (verl_over_unipo: the exact ratio)
         ("seq_mean_token_sum_norm_empty_row", "seq-mean-token-sum-norm", "with_empty_row", {},
          {"mode": "seq_mean_token_sum_norm", "verl_over_unipo": "B/B_nonempty"}),
