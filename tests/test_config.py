@@ -49,3 +49,33 @@ def test_recipe_validation():
 def test_unknown_recipe_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown recipe 'grpoo'; valid: .*grpo"):
         get_recipe("grpoo")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"recipe.loss": "ppo_clipp"}, r"recipe grpo: unknown policy loss 'ppo_clipp'; valid: .*ppo_clip"),
+    ({"recipe.loss_params.eps_lo": "0.1"}, r"policy loss 'ppo_clip': unknown params \['eps_lo'\]"),
+    ({"recipe.loss_params.eps_low": "2"}, r"recipe grpo: eps_low must be < 1.0, got 2"),
+    ({"recipe.aggregation": "mean"}, r"unknown aggregation 'mean'"),
+    ({"recipe.selection": "[cppo]", "recipe.selection_params.cppo": "{keep: 0}"}, r"keep as a count must be >= 1"),
+    ({"recipe.mixer": "hpt", "recipe.mixer_params.threshold": "-1"}, r"threshold must be >= 0"),
+    ({"recipe.advantage": "single_stream"}, r"reads a stateful baseline; set recipe.baseline"),
+    ({"recipe.advantage": "gae"}, r"reads the value head's values; set recipe.value_coef"),
+    ({"recipe.mini_batches": "0"}, r"mini_batches must be an int >= 1"),
+])
+def test_every_slot_is_checked_when_the_recipe_is_built(override, message):
+    """A bad name, param or param value fails in one line when the config is built, before any model loads."""
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(recipe=get_recipe("grpo")), override)
+
+
+def test_a_slot_function_must_accept_the_inputs_it_declares():
+    from unipo.core.registry import Registry
+
+    registry = Registry("policy loss")
+    with pytest.raises(ValueError, match=r"declares inputs \['entropy'\] it does not accept"):
+        registry.register("bad", inputs=("entropy",))(lambda logp, old_logp, advantages, mask: None)
+    registry.register("good", inputs=("entropy",))(lambda logp, old_logp, advantages, mask, *, entropy=None: None)
+    assert registry.inputs("good") == ("entropy",)
+    with pytest.raises(ValueError, match=r"needs the batch inputs \['entropy'\]"):
+        registry.register("strict", inputs=("entropy",))(lambda logp, *, entropy: None)
+        registry.check_inputs("strict", {})

@@ -198,16 +198,18 @@ def recipes_list(ctx: typer.Context, markdown: bool = typer.Option(
         typer.echo(catalogue_markdown(), nl=False)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from unipo.recipes import RECIPES
 
     table = Table(title="unipo recipes")
-    for col in ("name", "family", "mechanism", "paper"):
-        table.add_column(col, overflow="fold")
+    for col in ("name", "family", "mechanism", "updates/batch", "paper"):
+        table.add_column(col, overflow="fold", justify="right" if col == "updates/batch" else "left")
     for name in RECIPES:
         r = RECIPES[name]
-        table.add_row(r.name, r.family, r.summary, r.paper)
+        # escape: summaries hold brackets (E_ref[exp(r/beta)]) that rich would read as markup
+        table.add_row(r.name, r.family, escape(r.summary), str(r.updates_per_batch), escape(r.paper))
     Console(width=max(120, Console().width)).print(table)
 
 

@@ -2,7 +2,8 @@
 
 1. build the tiny character-level Qwen2 model from a config (nothing is downloaded);
 2. warm-start it briefly with SFT on the task's expert demonstrations;
-3. train it with a hybrid-policy recipe (LUFFY: rollouts plus one expert trace per group);
+3. train it with a hybrid-policy recipe (LUFFY as its paper writes it, `luffy_paper`: rollouts plus
+   one expert trace per group);
 4. print held-out accuracy and pass@k before and after each stage, and leave run folders
    with metrics, checkpoints and a plot.
 """
@@ -35,7 +36,10 @@ class DemoPlan:
     sft_steps: int = 25
     sft_batch: int = 256
     sft_lr: float = 2e-3
-    rl_recipe: str = "luffy"
+    # LUFFY's paper equations (std-normalised advantage, clipped rollouts, token mean). At these settings the
+    # released-script variant `luffy` (no std, no clip, token sum / T_max, entropy bonus) reached 0.295 held-out
+    # accuracy against 0.935 (measured on one seed; see the README): the demo shows the variant that learns here.
+    rl_recipe: str = "luffy_paper"
     rl_steps: int = 250
     rl_prompts: int = 16
     rl_group: int = 8

@@ -101,6 +101,9 @@ def check_recipe(recipe: Recipe) -> None:
                 raise ValueError(f"declares inputs {unknown} that the trainer does not provide")
         except ValueError as error:
             raise ValueError(f"recipe {recipe.name}: {error}") from None
+    if "values" in recipe_inputs(recipe) and not recipe.value_coef > 0:
+        raise ValueError(f"recipe {recipe.name}: advantage {recipe.advantage!r} reads the value head's values; "
+                         f"set recipe.value_coef > 0 to train one")
     if "baseline" in recipe_inputs(recipe) and recipe.baseline == "none":
         raise ValueError(f"recipe {recipe.name}: advantage {recipe.advantage!r} reads a stateful baseline; "
                          f"set recipe.baseline (valid: {', '.join(BASELINES)})")

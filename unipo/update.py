@@ -100,6 +100,7 @@ class PolicyUpdate:
                     "actor/updates": 0.0, "actor/skipped_updates": float(self.recipe.updates_per_batch)}, True
         r, micro = self.recipe, self.config.optim.micro_batch_size
         totals: dict[str, torch.Tensor] = {}
+        maxima: dict[str, torch.Tensor] = {}
         finite, updates, skipped, attempted = True, 0, 0, 0
         grad_norms = []
         for _ in range(r.epochs):
@@ -113,7 +114,10 @@ class PolicyUpdate:
                     loss_total = loss_total + loss.detach()  # already normalised by the mini-batch
                     share = len(micro_rows) / len(rows)
                     for k, v in metrics.items():
-                        totals[k] = totals.get(k, 0.0) + share * v.detach()
+                        if k.endswith("_max"):  # a maximum over the update, not a mean
+                            maxima[k] = torch.maximum(maxima[k], v.detach()) if k in maxima else v.detach()
+                        else:
+                            totals[k] = totals.get(k, 0.0) + share * v.detach()
                 totals["loss"] = totals.get("loss", 0.0) + loss_total
                 grad_norm, outcome = self.optimizer_step(loss_total)
                 grad_norms.append(grad_norm)
@@ -121,7 +125,8 @@ class PolicyUpdate:
                 updates += outcome == "stepped"
                 skipped += outcome == "no_signal"
                 attempted += 1
-        metrics = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v / attempted for k, v in totals.items()}
+        totals = {**{k: v / attempted for k, v in totals.items()}, **maxima}
+        metrics = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v for k, v in totals.items()}
         metrics.setdefault("kl", 0.0)
         metrics.setdefault("clip_frac", 0.0)
         metrics["grad_norm"] = torch.stack([g.float() for g in grad_norms]).mean()
