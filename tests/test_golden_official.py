@@ -203,6 +203,24 @@ def test_calibrl_matches_official(case: int) -> None:
         close(torch.autograd.grad(loss, logp)[0], want["at_old"]["grad_logp"])
 
 
+@pytest.mark.parametrize("case", range(2))
+@pytest.mark.parametrize("point", ["at_old", "off_old"])
+def test_calibrl_loss_matches_official_at_and_away_from_pi_old(case: int, point: str) -> None:
+    """The `calibrl` loss (dual clip + 0.1·guided term, differentiated through log π_θ) equals the code's
+    pg_loss + 0.1·guided_loss in value and gradient, also away from π_old (every mini-batch update)."""
+    x, want = shared_inputs("calibrl"), golden("calibrl")["cases"][case]
+    on_mask = x["mask"] * (~x["off_policy"])[:, None]
+    expert_logp = _expert_row_logp(x["old_logp"], x["group_ids"], x["off_policy"])
+    plain = calibrl_advantage(x["rewards"], x["group_ids"], logp=x["old_logp"], expert_logp=expert_logp,
+                              off_policy=x["off_policy"], norm_by_std=want["norm_adv_by_std_in_grpo"], guide_coef=0.0)
+    logp = t(want[point]["logp"]).requires_grad_(True)
+    loss, metrics = compute_policy_loss("calibrl", logp, x["old_logp"], plain[:, 0], on_mask, "token_mean",
+                                        expert_logp=expert_logp, rewards=x["rewards"])
+    close(loss, want[point]["total_loss"])
+    close(torch.autograd.grad(loss, logp)[0], want[point]["grad_logp"])
+    close(metrics["guided_mean"], want[point]["guided_loss"])
+
+
 def test_calibrl_defaults_are_the_released_script() -> None:
     x, want = shared_inputs("calibrl"), golden("calibrl")["cases"][0]
     assert want["norm_adv_by_std_in_grpo"] is False  # src/examples/run_qwen25vl7b_virl_mix_policy.sh

@@ -138,7 +138,8 @@ def token_adv_list(advantages, like):
 
 
 def test_every_registered_hybrid_name_has_a_reference():
-    assert registered_here(POLICY_LOSSES) == set(LOSS_REFERENCES) == set(LOSS_PARAMS)
+    # calibrl's loss takes expert_logp and rewards instead of off_policy: its own loop reference below
+    assert registered_here(POLICY_LOSSES) - {"calibrl"} == set(LOSS_REFERENCES) == set(LOSS_PARAMS)
     assert registered_here(ADVANTAGE_ESTIMATORS) == set(ESTIMATOR_REFERENCES)
 
 
@@ -403,3 +404,39 @@ def test_calibrl_matches_loop_reference(seed):
                        off.tolist() if off is not None else None, **params)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     assert not got.requires_grad
+
+
+def ref_calibrl_loss(logp, old, adv, mask, expert_logp, rewards, eps=0.2, c=3.0, guide=0.1, slope=0.5, threshold=0.1):
+    """Float64 loop: token mean of dual-clip PPO + guide·|A|·LeakyReLU(s·(expert − logp))."""
+    total, count = 0.0, 0
+    for i in range(logp.shape[0]):
+        sign = 1.0 if float(rewards[i]) > threshold else -1.0
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            a = float(adv[i])
+            ratio = torch.exp(logp[i, t] - old[i, t])
+            clipped = torch.clamp(ratio, 1 - eps, 1 + eps)
+            ppo = torch.maximum(-a * ratio, -a * clipped)
+            if a < 0:
+                ppo = torch.minimum(ppo, torch.tensor(-a * c, dtype=logp.dtype))
+            gap = sign * (float(expert_logp[i, t]) - logp[i, t])
+            guided = abs(a) * (gap if float(gap) > 0 else slope * gap)
+            total = total + ppo + guide * guided
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_calibrl_loss_matches_loop_reference_and_gradcheck(seed):
+    logp, old_logp, advantages, mask, _ = random_loss_inputs(seed, token_adv=False)
+    g = torch.Generator().manual_seed(100 + seed)
+    expert_logp = logp.detach() + 0.5 * torch.randn(logp.shape, generator=g, dtype=logp.dtype)
+    rewards = torch.rand(len(advantages), generator=g, dtype=logp.dtype)
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = compute_policy_loss("calibrl", lp, old_logp, advantages, mask, "token_mean",
+                                  expert_logp=expert_logp, rewards=rewards)
+    ref_lp = logp.clone().requires_grad_(True)
+    want = ref_calibrl_loss(ref_lp, old_logp, advantages, mask, expert_logp, rewards)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(torch.autograd.grad(loss, lp)[0], torch.autograd.grad(want, ref_lp)[0])

@@ -431,7 +431,7 @@ RL_PLUS = _add(Recipe(
 
 CALIBRL = _add(Recipe(
     name="calibrl",
-    notes="From the authors' script and code (zhh6425/CalibRL @0efd7991, src/examples/run_qwen25vl7b_virl_mix_policy.sh, src/core_algos.py, src/dp_actor.py): a full group of rollouts (theirs 10, ours rollout.group_size) plus 1 expert trace, used only as the calibration baseline (it leaves the loss and its token-mean denominator: mixer rl with expert_rows=false); group advantage r - mean without std (norm_adv_by_std_in_grpo=False); correct means score > 0.1; the guided term 0.1*|A|*LeakyReLU_0.5(s*(log pi_expert - log pi)); PPO with dual clip c=3; 480 samples with mini-batches of 120: 4 optimizer steps per generation batch. The guided term is folded into the advantage with its gradient at pi_old (see unipo.core.hybrid.calibrl_advantage): exact at the first of the 4 updates, first-order after.",
+    notes="From the authors' script and code (zhh6425/CalibRL @0efd7991, src/examples/run_qwen25vl7b_virl_mix_policy.sh, src/core_algos.py, src/dp_actor.py): a full group of rollouts (theirs 10, ours rollout.group_size) plus 1 expert trace, used only as the calibration baseline (it leaves the loss and its token-mean denominator: mixer rl with expert_rows=false); group advantage r - mean without std (norm_adv_by_std_in_grpo=False); correct means score > 0.1; the loss: PPO with dual clip c=3 plus the guided term 0.1*|A|*LeakyReLU_0.5(s*(log pi_expert - log pi)), differentiated through log pi at every update (the `calibrl` loss; s = +1 for a passing rollout); 480 samples with mini-batches of 120: 4 optimizer steps per generation batch. The advantage slot's `calibrl` estimator with guide_coef>0 folds the guided term into the advantage instead (exact only at pi_old).",
     summary="advantages calibrated against the expert trace with a LeakyReLU, weighted by rareness",
     paper="arXiv 2602.20197 (CalibRL)",
     family="hybrid",
@@ -439,8 +439,9 @@ CALIBRL = _add(Recipe(
     expert_per_group=1,
     expert_in_addition=True,
     advantage="calibrl",
-    loss="dual_clip",
-    loss_params={"eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": 3.0},
+    advantage_params={"guide_coef": 0.0},  # the plain group advantage; the guided term is in the loss
+    loss="calibrl",
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": 3.0, "guide_coef": 0.1},
     aggregation="token_mean",
     mixer="rl",
     mixer_params={"expert_rows": False},

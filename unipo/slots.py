@@ -35,6 +35,7 @@ INPUTS: Mapping[str, str] = {
     "mask": "[B, T] float completion mask",
     "token_ids": "[B, T] completion token ids",
     "off_policy": "[B] bool: the row is an expert trace, not a rollout",
+    "rewards": "[B] the rows' rewards, on the recipe's reward scale",
     "truncated": "[B] bool: the completion hit the generation budget",
     "answer_ids": "[B] cluster id of the extracted final answer",
     "strata": "[B] Stratified GRPO's strata: response length in buckets of 4 tokens",
@@ -133,8 +134,9 @@ def _synthetic_inputs(expert_rows: bool) -> tuple[dict[str, Any], torch.Tensor, 
         "step": 1, "total_steps": 10, "logp": logp, "expert_logp": logp.roll(1, 0),
         "entropy": torch.rand(rows, width, generator=gen) * mask, "values": torch.zeros(rows, width),
         "baseline": torch.full((rows,), 0.5), "ref_logp": logp - 0.1 * mask,
+        "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
     }
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    rewards = inputs["rewards"]
     group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
     return inputs, rewards, group_ids
 

@@ -218,6 +218,7 @@ class Trainer:
             "mask": lambda: batch.completion_mask.float(),
             "token_ids": lambda: batch.completion_ids,
             "off_policy": lambda: batch.off_policy,
+            "rewards": lambda: batch.rewards,
             "truncated": lambda: batch.truncated,
             "answer_ids": lambda: batch.answer_ids,
             # Stratified GRPO's strata: trajectories of like structure. Our analogue is the response

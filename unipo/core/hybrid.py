@@ -410,6 +410,54 @@ def ghpo_hint_fraction(
 # CalibRL
 
 
+@POLICY_LOSSES.register("calibrl", inputs=("expert_logp", "rewards"))
+def calibrl_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expert_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    guide_coef: float = 0.1,
+    negative_slope: float = 0.5,
+    pass_threshold: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CalibRL (arXiv 2602.20197) as its released code trains, per token of a rollout:
+
+        L = dual_clip(ρ, A; ε_lo, ε_hi, c) + guide_coef · |A_i| · LeakyReLU_α(s_i · (log π_e(t) − log π_θ(y_i,t)))
+
+    s_i = +1 when the rollout passed (reward > `pass_threshold`), −1 otherwise; log π_e(t) is π_old's
+    log-prob of the group's expert trace at position t (`expert_logp`, the calibration baseline, fixed);
+    A_i the group advantage of the rollouts (e.g. `calibrl_advantage` with guide_coef=0: r − mean, no std).
+    The guided term is differentiated through log π_θ at every update, so unlike folding it into the
+    advantage (`calibrl_advantage`) it stays exact after the first optimizer step. Expert rows are no
+    training target: leave them out of `mask` (the recipe's mixer does). Checked against the authors'
+    `compute_mix_policy_loss(mix_policy_loss="expert-guided")` plus 0.1·guided_loss (zhh6425/CalibRL
+    @0efd7991, src/core_algos.py, src/dp_actor.py): tests/golden/calibrl.json. Metrics: dual_clip's, plus
+    `guided_mean`, the mean guided term over the tokens.
+    """
+    from .losses import dual_clip
+
+    guide_coef = _require_number("guide_coef", guide_coef, low=0.0)
+    negative_slope = _require_number("negative_slope", negative_slope, low=0.0)
+    pass_threshold = _require_number("pass_threshold", pass_threshold)
+    validate.check_same_shape(logp=logp, expert_logp=expert_logp)
+    validate.check_per_sequence("rewards", rewards, logp.shape[0])
+    policy, metrics = dual_clip(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                                clip_ratio_c=clip_ratio_c)
+    sign = torch.where(rewards > pass_threshold, 1.0, -1.0).to(logp.dtype).unsqueeze(1)
+    magnitude = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).abs()
+    guided = magnitude * torch.nn.functional.leaky_relu(sign * (expert_logp.detach() - logp), negative_slope)
+    valid = mask != 0 if mask.dtype != torch.bool else mask
+    guided = torch.where(valid, guided, torch.zeros_like(guided))
+    metrics["guided_mean"] = _masked_mean(guided, valid)
+    return policy + guide_coef * guided, metrics
+
+
 @ADVANTAGE_ESTIMATORS.register("calibrl", inputs=("logp", "expert_logp", "off_policy"))
 def calibrl_advantage(
     rewards: torch.Tensor,
