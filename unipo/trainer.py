@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -173,7 +174,7 @@ class Trainer:
         finally:
             self._batch = None
         with warnings.catch_warnings():  # the schedule counts generation steps, stepped or skipped
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         if self.tracker is not None:  # a stateful baseline learns from this step's rollouts
             on = (~batch.off_policy).nonzero().squeeze(1).tolist()
