@@ -146,6 +146,8 @@ def _rows_per_prompt(r, g: int) -> str:
             return (f"{g} rollouts; plus expert traces of other prompts, {r.expert_batch_frac:.0%} of the batch's "
                     f"rows (SFT/mixer rows)")
         where = "in the advantage group" if r.expert_in_group else "outside the group (SFT/mixer rows)"
+        if r.mixer_params.get("expert_rows") is False:
+            where = "as the calibration baseline only (not trained on)"
         rollouts = g if r.expert_in_addition else g - r.expert_per_group
         return f"{rollouts} rollouts + {r.expert_per_group} expert trace {where}"
     extra = f"; all-fail groups re-rolled with expert-prefix hints {list(r.hint_fractions)}" \
