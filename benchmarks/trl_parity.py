@@ -3,9 +3,9 @@ the same names, on one shared batch.
 
 Both sides get the same model weights, prompts, completions (of different lengths), advantages and old
 log-probs (the current ones plus noise, so that ratios move off 1 and clipping is exercised). unipo's loss and
-gradient come from its trainer's own update (`Trainer._update`, optimizer step disabled, no clipping); TRL's from
-`GRPOTrainer._compute_loss` followed by `backward`, in fp32 (TRL's config defaults to bf16 autocast, on a CPU
-too, so it is switched off). Used by `vs_trl.py` and `tests/test_trl_parity.py`.
+gradient come from its trainer's own update (`Trainer.learn` with one update, optimizer step disabled, no
+clipping); TRL's from `GRPOTrainer._compute_loss` followed by `backward`, in fp32 (TRL's config defaults to bf16
+autocast, on a CPU too, so it is switched off). Used by `vs_trl.py` and `tests/test_trl_parity.py`.
 """
 
 from __future__ import annotations
