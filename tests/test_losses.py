@@ -562,7 +562,7 @@ def test_non_finite_input_raises_unless_unchecked(which):
 
 def test_unknown_names_and_params_raise_listing_valid_ones():
     logp, old, adv, mask, _ = make_inputs()
-    with pytest.raises(ValueError, match="valid: a_star_po, cispo"):
+    with pytest.raises(ValueError, match="valid: a_star_po, calibrl, cispo"):
         compute_policy_loss("grpo_typo", logp, old, adv, mask)
     with pytest.raises(ValueError, match="valid: token_mean"):
         compute_policy_loss("ppo_clip", logp, old, adv, mask, "mean")
