@@ -21,6 +21,7 @@ class HardOrEasyTask(Task):
 
     name = "hard_or_easy"
     max_new_tokens = 3
+    scorer_is_safe = True  # a pure function of the text: scored in-process
 
     def sample(self, n, *, seed, split="train"):
         return [Problem(prompt=f"{'easy' if i % 2 else 'hard'}{seed}-{i}", answer="Z", demonstration="Z")

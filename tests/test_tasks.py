@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unipo.tasks import TASKS, Problem, Task, extract_answer, get_task, score_completions, split_of
-from unipo.tasks.base import parse_params
+from unipo.tasks.base import ScoreResult, parse_params
 from unipo.tasks.countdown import UnsafeExpression, check_countdown, evaluate_expression, solve_countdown
 
 # One example spec per registered task; a newly registered task without one fails
@@ -334,6 +334,7 @@ def test_extract_answer(text: str, expected: str) -> None:
 class FlakyTask(Task):
     name = "flaky"
     max_new_tokens = 4
+    scorer_is_safe = True  # scored in-process (the sandbox's own tests are in test_sandbox.py)
 
     def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
         return [Problem("p", "a", "a")] * n
@@ -347,10 +348,10 @@ class FlakyTask(Task):
 def test_score_completions_counts_scorer_errors_as_zero() -> None:
     task = FlakyTask()
     problems = task.sample(5, seed=0)
-    rewards, errors = score_completions(task, problems, ["a", "boom", "b", "nan", "big"])
-    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0]
-    assert errors == 3  # the raise, the NaN and the out-of-range score
-    assert score_completions(task, problems[:2], ["a", "a"]) == ([1.0, 1.0], 0)
+    result = score_completions(task, problems, ["a", "boom", "b", "nan", "big"])
+    assert result.rewards == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.errors == 3 and result.timeouts == 0  # the raise, the NaN and the out-of-range score
+    assert score_completions(task, problems[:2], ["a", "a"]) == ScoreResult([1.0, 1.0], 0, 0, 0)
     with pytest.raises(ValueError, match="2 problems but 1 completions"):
         score_completions(task, problems[:2], ["a"])
 
@@ -358,8 +359,8 @@ def test_score_completions_counts_scorer_errors_as_zero() -> None:
 def test_score_completions_on_a_builtin_with_a_foreign_problem() -> None:
     # a countdown problem without its meta makes the scorer raise: counted, not fatal
     task = get_task("countdown")
-    rewards, errors = score_completions(task, [Problem("make 1 from 1:", "1", "1")], ["1"])
-    assert (rewards, errors) == ([0.0], 1)
+    result = score_completions(task, [Problem("make 1 from 1:", "1", "1")], ["1"])
+    assert (result.rewards, result.errors) == ([0.0], 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,10 +370,18 @@ def test_score_completions_on_a_builtin_with_a_foreign_problem() -> None:
 
 @pytest.fixture()
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse every network connection; local (AF_UNIX) ones stay: the reward sandbox's fork server uses one."""
+    local_connect = socket.socket.connect
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError("network access in a test")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    def connect(self: socket.socket, *args: object, **kwargs: object) -> None:
+        if self.family != getattr(socket, "AF_UNIX", None):
+            refuse()
+        return local_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
@@ -390,8 +399,8 @@ def test_reasoning_gym_adapter_offline() -> None:
         assert task.score(problem, problem.demonstration) == 1.0
         assert task.score(problem, f"Thinking...\n<answer>{problem.demonstration}</answer>") == 1.0
         assert task.score(problem, "<answer>-1</answer>") == 0.0
-    rewards, errors = score_completions(task, train[:3], ["garbage", "", "\\boxed{}"])
-    assert errors == 0 and all(0.0 <= r < 1.0 for r in rewards)
+    result = score_completions(task, train[:3], ["garbage", "", "\\boxed{}"])  # in the reward sandbox
+    assert result.errors == 0 and result.timeouts == 0 and all(0.0 <= r < 1.0 for r in result.rewards)
 
 
 def test_reasoning_gym_config_params_pass_through() -> None:

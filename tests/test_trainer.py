@@ -10,7 +10,7 @@ import torch
 
 from unipo.config import OptimConfig, RolloutConfig, TrainConfig
 from unipo.recipes import RECIPES, get_recipe
-from unipo.runs import RunFolder
+from unipo.runs import RunFolder, load_trainer_state
 from unipo.tasks.base import TASKS, Problem, Task
 from unipo.trainer import NonFiniteLossError, Trainer, resume_run, start_run
 
@@ -23,6 +23,7 @@ class CoinTask(Task):
 
     name = "coin"
     max_new_tokens = 4
+    scorer_is_safe = True  # a pure function of the text: scored in-process
 
     def sample(self, n, *, seed, split="train"):
         offset = 0 if split == "train" else 1000
@@ -148,8 +149,12 @@ def test_run_folder_contents(tmp_path):
     checkpoint = RunFolder(out).latest_checkpoint()
     assert checkpoint.name == "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "tokenizer.json").exists()
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2 and "optimizer" in state and "generator" in state
+    # the trainer's state is safetensors + JSON, verified by a manifest: no pickle anywhere in a checkpoint
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"trainer_state.safetensors", "trainer_state.json", "manifest.json"} <= names
+    assert not list(checkpoint.glob("*.pt")) and not list(checkpoint.glob("*.bin"))
+    state = load_trainer_state(checkpoint)
+    assert state["step"] == 2 and "optimizer" in state and state["generator"].dtype == torch.uint8
     assert RunFolder(out).read_config() == small_config(steps=2, out=str(out))
 
 

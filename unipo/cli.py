@@ -7,15 +7,22 @@
     unipo plot RUN                               learning curves as a PNG
     unipo recipes [show NAME]                    the catalogue
 
-Bad input (an unknown recipe, task, model path or config key) prints one line naming the
-valid choices and exits with code 2: no traceback.
+Errors: a mistake in the input (an unknown recipe, task or config key, a value of the wrong type or out of
+range, a missing or damaged model folder or data file, a prompt longer than the model's context, an --out that
+cannot be written, a full disk, a run that diverged) prints ONE line `error: ...` to stderr and exits with
+code 2, checked before anything expensive where it can be. Anything else is a bug in unipo: the traceback, a
+last line saying so, and exit code 1. Usage errors of the command line itself (an unknown --option) exit 2.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
+import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -27,12 +34,90 @@ recipes_app = typer.Typer(add_completion=False, invoke_without_command=True,
                           help="List the recipes, or show one's resolved config.")
 app.add_typer(recipes_app, name="recipes")
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Mistakes in the input. The project's own user-error types are ValueErrors (ModelSourceError,
+# PromptTooLongError, NonFiniteLogitsError, RunFolderError, ...); NonFiniteLossError (a diverged run) and a full
+# disk (OSError ENOSPC) are recognised by `user_error_message`.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FileExistsError)
+# OSErrors about a path the user gave (besides USER_ERRORS' own types): read-only file system, name too long, ...
+_PATH_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR,
+                errno.EISDIR, errno.ENOENT, errno.EEXIST)
+BUG_REPORT = ("unipo: internal error: this is a bug in unipo, not a mistake in your input; please report it to the "
+              "unipo maintainers (the project's issue tracker) with the command you ran and the traceback above")
+
+
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def fail(message: str) -> None:
-    typer.echo(f"unipo: error: {message}", err=True)
+    """Print `error: <message>` (one line) to stderr and exit with code 2. An OSError's text
+    (`[Errno 13] Permission denied: 'x'`) reads as `cannot use 'x': permission denied`."""
+    os_error = re.fullmatch(r"\[Errno -?\d+\] (.+?): ('.*'|\".*\")", one_line(message))
+    if os_error:
+        message = f"cannot use {os_error.group(2)}: {os_error.group(1).lower()}"
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code=2)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one line to print for a mistake in the input, or None when `error` is a bug in unipo."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {error.filename!r}" if error.filename else ""
+        return f"no space left on device{where}: free some space or choose another --out"
+    if isinstance(error, OSError) and (isinstance(error, USER_ERRORS) or error.errno in _PATH_ERRNOS):
+        what = (error.strerror or type(error).__name__).lower()
+        return f"cannot use {error.filename!r}: {what}" if error.filename else one_line(str(error))
+    trainer = sys.modules.get("unipo.trainer")
+    if isinstance(error, ValueError) or (trainer is not None and isinstance(error, trainer.NonFiniteLossError)):
+        return one_line(str(error))
+    return None
+
+
+def preflight(config) -> None:
+    """Everything about a new run that can be checked before a model loads or a step runs, one line each: the
+    task builds and both its splits have problems (an empty test split is an error now, not after training);
+    the model name or folder (config, weights, tokenizer; no weights read); prompts (a sample of up to 64 per
+    split, or every problem of a JSONL file) plus the completion budget (and, for recipes with expert rows, the
+    demonstrations) fit the model's context; --out can be written."""
+    from unipo.models import check_prompt_lengths, format_prompt, inspect_model
+    from unipo.tasks.base import get_task
+
+    task = get_task(config.task)
+    finite = list(getattr(task, "problems", None) or [])  # a JSONL file: check every problem
+    problems = []
+    for split in ("test", "train"):
+        problems += task.sample(1 if finite else 64, seed=config.seed, split=split)  # an empty split raises here
+    problems = finite or problems
+    tokenizer, context = inspect_model(config.model)
+    budget = config.rollout.max_new_tokens or task.max_new_tokens
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompts = [tokens(format_prompt(tokenizer, p.prompt)) for p in problems]
+    check_prompt_lengths(prompts, budget, context)
+    if config.recipe.uses_expert:
+        rows = [n + tokens(p.demonstration or p.answer) + 1 for n, p in zip(prompts, problems)]
+        check_prompt_lengths(rows, 0, context, what="prompt + demonstration row")
+    if config.out:
+        _check_writable(config.out)
+
+
+def _check_writable(out: str) -> None:
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out!r}: {existing!r} is a file, not a folder")
+    try:  # a real write (os.access says yes to root even on a read-only or virtual file system)
+        os.rmdir(tempfile.mkdtemp(prefix=".unipo-probe-", dir=existing))
+    except OSError as error:
+        raise ValueError(f"--out {out!r}: cannot write in {existing!r} "
+                         f"({(error.strerror or type(error).__name__).lower()})") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -51,10 +136,15 @@ def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out:
     from unipo.recipes import get_recipe
     from unipo.tasks.base import get_task
 
-    get_task(task)  # fail early, before a model is built
+    try:
+        get_task(task)  # fail early, before a model is built
+    except OSError as error:  # jsonl:<a directory>, a missing file: one line naming the path
+        raise ValueError(f"task {task!r}: {user_error_message(error) or error}") from None
     config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
                          out=out or default_out(recipe, task))
-    return apply_overrides(config, parse_overrides(overrides))
+    config = apply_overrides(config, parse_overrides(overrides))
+    preflight(config)
+    return config
 
 
 def default_out(recipe: str, task: str) -> str:
@@ -85,27 +175,68 @@ def train(
     model: str = typer.Option("tiny", help="'tiny' (embedded, built locally), a local path or a hub id."),
     steps: Optional[int] = typer.Option(
         None, help="Training steps, one rollout batch each (default 50; with --resume, the total to reach)."),
-    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<recipe>-<task>-<time>)."),
+    out: Optional[str] = typer.Option(None, help="Run folder (default runs/<recipe>-<task>-<time>); it is the run's "
+                                                 "identity: --resume continues the run in this folder."),
     seed: int = typer.Option(0, help="Seed for sampling, tasks and initialisation."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest intact checkpoint, with its "
+                                            "saved settings."),
+    overwrite: bool = typer.Option(False, help="Empty --out first if it holds a run (a new run refuses a non-empty "
+                                               "folder)."),
 ) -> None:
     """Train with any recipe.
 
     Extra `key=value` arguments override the config (e.g. rollout.group_size=4 optim.lr=3e-4 recipe.kl_coef=0.01).
+
+    A new run refuses an --out folder that holds anything, unless --overwrite (which deletes the run in it first).
+
+    While a run trains it holds --out/.lock: a second run into the same folder is refused.
+
+    A checkpoint is written every save_every steps (default 25) and at the end (save_every=0: only at the end).
+
+    --resume continues the run in --out, wherever that folder now is, from its newest checkpoint that verifies.
+
+    --resume keeps the run's saved settings: a differing --recipe, --task, --model, --seed or key=value is an error.
+
+    With --resume, --steps is the total to reach (it may differ from the saved one).
     """
     try:
         if resume:
             if not out:
                 fail("--resume needs --out RUN_DIR")
-            from unipo.runs import RunFolder
+            if overwrite:
+                fail("--resume and --overwrite exclude each other (--overwrite deletes the run --resume continues)")
+            from unipo.trainer import resume_run
 
-            config = RunFolder(out).read_config()
-            config = dataclasses.replace(config, steps=steps or config.steps)
+            given = {name: ctx.params[name] for name in ("recipe", "task", "model", "seed")  # typed, not defaulted
+                     if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+            trainer = resume_run(out, steps=steps, given=given, overrides=parse_overrides(ctx.args))
         else:
-            config = build_config(recipe, task, model, steps or 50, seed, out, ctx.args)
-        run_training(config, resume)
+            from unipo.trainer import start_run
+
+            config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args)
+            trainer = start_run(config, overwrite=overwrite)
+        _fit_and_report(trainer)
     except USER_ERRORS as err:
-        fail(str(err).strip("'\""))
+        fail(str(err))
+
+
+def _fit_and_report(trainer) -> None:
+    """`unipo train`'s end: fit, then the held-out evaluation and the plot, still holding the run's lock."""
+    from unipo.plotting import plot_run
+    from unipo.trainer import NonFiniteLossError
+
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        fail(str(err))
+    run = trainer.run
+    run.lock()
+    try:
+        result = trainer.evaluate()
+        png = plot_run(run.path)
+    finally:
+        run.unlock()
+    typer.echo(f"held-out accuracy {result['accuracy']:.3f}; run folder {run.path}; plot {png}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -121,7 +252,7 @@ def sft(
     try:
         run_training(build_config("sft", task, model, steps, seed, out, ctx.args), resume=False)
     except USER_ERRORS as err:
-        fail(str(err).strip("'\""))
+        fail(user_error_message(err) or str(err))
 
 
 @app.command(name="eval")
@@ -135,19 +266,24 @@ def evaluate(
 ) -> None:
     """Greedy accuracy and the unbiased pass@k estimator on the task's test split."""
     try:
-        ks = tuple(int(x) for x in k.split(",") if x.strip())
-        if not ks or min(ks) < 1:
-            fail(f"--k must list positive integers, got {k!r}")
+        ks = tuple(int(x) for x in k.split(",") if x.strip().lstrip("+").isdigit())
+        if not ks or min(ks) < 1 or len(ks) != len(k.split(",")):
+            fail(f"--k must list positive integers, e.g. 1,4,16, got {k!r}")
+        if n < 1:
+            fail(f"--n must be >= 1, got {n}")
+        if not 0 < temperature < float("inf"):
+            fail(f"--temperature must be a finite number > 0, got {temperature}")
         from unipo.evaluation import evaluate_model
         from unipo.models import load_model
         from unipo.tasks.base import get_task
 
         the_task = get_task(task)
+        the_task.sample(1, seed=seed, split="test")  # an empty test split fails here, before the model loads
         the_model, tokenizer = load_model(model)
         result = evaluate_model(the_model, tokenizer, the_task, n=n, ks=ks, seed=seed,
                                 max_new_tokens=the_task.max_new_tokens, temperature=temperature)
     except USER_ERRORS as err:
-        fail(str(err).strip("'\""))
+        fail(user_error_message(err) or str(err))
     from rich.console import Console
     from rich.table import Table
 
@@ -167,7 +303,7 @@ def plot(run: str = typer.Argument(..., help="Run folder."),
     try:
         typer.echo(str(plot_run(run, out)))
     except USER_ERRORS as err:
-        fail(str(err))
+        fail(user_error_message(err) or str(err))
 
 
 @app.command()
@@ -226,11 +362,21 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name.")) -> None:
     typer.echo(dump_yaml(recipe))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `unipo` entry point: a mistake in the input is one line `error: ...` and exit code 2; an unexpected
+    error is a bug: its traceback, a last line saying so, exit code 1."""
     try:
-        app()
+        app(args=argv, prog_name="unipo")
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the one place that decides how every error is reported
+        message = user_error_message(error)
+        if message is not None:
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        traceback.print_exc()
+        typer.echo(BUG_REPORT, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

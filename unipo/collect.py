@@ -42,6 +42,7 @@ class RolloutBatch:
     texts: list[str]  # completion text as scored (a GHPO hint is part of the prompt, not of this)
     prompts: list[str]  # the task prompt of each row (the key of per-prompt state)
     reward_errors: int = 0
+    reward_timeouts: int = 0  # scorer calls that overran the reward sandbox's time limit (scored 0)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -98,11 +99,13 @@ class RolloutCollector:
         self.cfg, self.max_new_tokens, self.device, self.generator = rollout, max_new_tokens, device, generator
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._reward_timeouts = 0  # summed by `_score` over one `collect`
 
     # -- public -------------------------------------------------------------------------
     def collect(self, *, seed: int, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """One step's batch; with dynamic sampling, refilled with informative groups."""
         want = math.ceil(self.recipe.prompt_multiplier * self.cfg.prompts_per_step)
+        self._reward_timeouts = 0
         kept: list[RolloutBatch] = []
         n_groups = tries = generated_groups = 0
         while n_groups < want:
@@ -122,7 +125,8 @@ class RolloutCollector:
             tries += 1
             if not self.recipe.dynamic_sampling or tries > self.cfg.max_resample_tries:
                 break
-        stats = {"rollout/generation_rounds": float(tries), "rollout/groups_kept": float(n_groups)}
+        stats = {"rollout/generation_rounds": float(tries), "rollout/groups_kept": float(n_groups),
+                 "rollout/reward_timeouts": float(self._reward_timeouts)}
         if not kept:
             return self._empty(), stats
         batch = RolloutBatch.concat(kept)
@@ -135,6 +139,8 @@ class RolloutCollector:
         batch.group_ids = torch.where(private, -(renumber + 1), renumber)
         if self.recipe.expert_batch_frac:
             batch = RolloutBatch.concat([batch, self._separate_expert_rows(len(batch), seed, step, len(prompts))])
+        stats["rollout/reward_timeouts"] = float(self._reward_timeouts)
+        batch.reward_timeouts = self._reward_timeouts
         return batch, stats
 
     # -- internals ----------------------------------------------------------------------
@@ -243,9 +249,11 @@ class RolloutCollector:
     def _score(self, problems: list[Problem], texts: list[str],
                zeroed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(rewards on the recipe's scale, correct = full marks, scorer errors) of `texts`; rows in `zeroed`
-        score 0."""
-        scores, errors = score_completions(self.task, problems, texts)
-        score = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        score 0. Scorer timeouts (reward sandbox) add to `self._reward_timeouts`, reported by `collect`."""
+        result = score_completions(self.task, problems, texts)
+        self._reward_timeouts += result.timeouts
+        errors = result.errors
+        score = torch.tensor(result.rewards, dtype=torch.float32, device=self.device)
         if zeroed is not None:
             score = torch.where(zeroed, torch.zeros_like(score), score)
         rewards = 2.0 * score - 1.0 if self.recipe.reward_scale == "signed" else score

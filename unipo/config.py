@@ -8,6 +8,9 @@ happens in `__post_init__`, and nothing is mutated while training.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -16,10 +19,67 @@ from typing import Any
 import yaml
 
 DATA_SOURCES = ("on_policy", "mixed", "expert")
+SCHEDULES = ("constant", "cosine", "linear")
+LORA_KEYS = ("r", "alpha", "target_modules", "dropout")
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+_MAX_SEED = 2**63
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return types.MappingProxyType(dict(value or {}))
+
+
+# -- value checks: each raises ONE line naming the key as the user types it, the value and what is allowed ------
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{key} must be {allowed}, got {_show(value)}")
+
+
+def check_int(key: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> None:
+    """An int (not a bool, not 2.5) within [minimum, maximum]."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        allowed = "an int" + (f" >= {minimum}" if minimum is not None else "")
+        allowed += f" and < {maximum + 1}" if maximum is not None else ""
+        raise _bad(key, value, allowed)
+
+
+def check_number(key: str, value: Any, allowed: str, ok=lambda x: True, *, allow_inf: bool = False) -> None:
+    """A real number (int or float, not a bool): never NaN, infinite only when `allow_inf`, and `ok(value)`."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int too large for a float
+        number = math.nan
+    if math.isnan(number) or (math.isinf(number) and not allow_inf) or not ok(number):
+        raise _bad(key, value, allowed)
+
+
+def check_bool(key: str, value: Any) -> None:
+    """A real boolean (YAML true/false): 'maybe' or 1 is not one."""
+    if not isinstance(value, bool):
+        raise _bad(key, value, "true or false")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(key, value, f"one of {', '.join(choices)}")
+
+
+def check_name(key: str, value: Any, *, empty: bool = False) -> None:
+    """A string (a registry name, a path, free text); non-empty unless `empty`."""
+    if not isinstance(value, str) or not (empty or value.strip()):
+        raise _bad(key, value, "a string" if empty else "a non-empty string")
+
+
+def check_mapping(key: str, value: Any) -> None:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _bad(key, value, "a mapping {name: value, ...}")
 
 
 @dataclass(frozen=True)
@@ -92,35 +152,63 @@ class Recipe:
     epochs: int = 1
 
     def __post_init__(self) -> None:
+        check_name("recipe.name", self.name)
+        try:
+            self._check_plain_fields()
+            object.__setattr__(self, "selection", _selection_names(self.selection))
+        except ValueError as error:
+            raise ValueError(f"recipe {self.name}: {error}") from None
         for name in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params"):
             object.__setattr__(self, name, _frozen_mapping(getattr(self, name)))
-        object.__setattr__(self, "selection", tuple(self.selection))
         object.__setattr__(self, "hint_fractions", tuple(self.hint_fractions))
-        if self.data not in DATA_SOURCES:
-            raise ValueError(f"recipe {self.name}: data must be one of {DATA_SOURCES}, got {self.data!r}")
         if self.data == "on_policy" and self.expert_per_group:
-            raise ValueError(f"recipe {self.name}: expert_per_group needs data='mixed' or 'expert'")
-        if self.sft_weighting not in ("uniform", "phi"):
-            raise ValueError(f"recipe {self.name}: sft_weighting must be 'uniform' or 'phi'")
-        if self.reward_scale not in ("unit", "signed"):
-            raise ValueError(f"recipe {self.name}: reward_scale must be 'unit' or 'signed', got {self.reward_scale!r}")
-        if not 0.0 <= self.expert_batch_frac < 1.0:
-            raise ValueError(f"recipe {self.name}: expert_batch_frac must be in [0, 1)")
+            raise ValueError(f"recipe {self.name}: recipe.expert_per_group needs recipe.data=mixed or expert")
         if self.expert_batch_frac and self.data != "mixed":
-            raise ValueError(f"recipe {self.name}: expert_batch_frac needs data='mixed'")
-        if not self.prompt_multiplier >= 1.0:
-            raise ValueError(f"recipe {self.name}: prompt_multiplier must be >= 1")
-        if "{hint}" not in self.hint_template:
-            raise ValueError(f"recipe {self.name}: hint_template must contain {{hint}}")
-        if not 0.0 <= self.overlong_buffer_frac < 1.0:
-            raise ValueError(f"recipe {self.name}: overlong_buffer_frac must be in [0, 1)")
-        for knob in ("epochs", "mini_batches"):
-            value = getattr(self, knob)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"recipe {self.name}: {knob} must be an int >= 1, got {value!r}")
+            raise ValueError(f"recipe {self.name}: recipe.expert_batch_frac needs recipe.data=mixed")
         from unipo.slots import check_recipe  # the slot registries import the core maths: load them lazily
 
         check_recipe(self)
+
+    def _check_plain_fields(self) -> None:
+        """Types and ranges of the fields that are not slot choices (those are `unipo.slots.check_recipe`'s)."""
+        for key in ("summary", "paper", "family", "notes"):
+            check_name(f"recipe.{key}", getattr(self, key), empty=True)
+        for key in ("advantage", "loss", "aggregation", "mixer", "baseline"):  # registry names: checked there
+            check_name(f"recipe.{key}", getattr(self, key))
+        check_choice("recipe.data", self.data, DATA_SOURCES)
+        check_choice("recipe.sft_weighting", self.sft_weighting, ("uniform", "phi"))
+        check_choice("recipe.reward_scale", self.reward_scale, ("unit", "signed"))
+        from unipo.core.kl import KL_ESTIMATORS
+
+        check_choice("recipe.kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
+        for key in ("expert_in_group", "expert_in_addition", "zero_truncated", "dynamic_sampling"):
+            check_bool(f"recipe.{key}", getattr(self, key))
+        check_int("recipe.expert_per_group", self.expert_per_group, 0)
+        check_int("recipe.mini_batches", self.mini_batches, 1)
+        check_int("recipe.epochs", self.epochs, 1)
+        for key in ("expert_batch_frac", "overlong_buffer_frac"):
+            check_number(f"recipe.{key}", getattr(self, key), "a number in [0, 1)", lambda x: 0 <= x < 1)
+        check_number("recipe.prompt_multiplier", self.prompt_multiplier, "a finite number >= 1", lambda x: x >= 1)
+        check_number("recipe.kl_coef", self.kl_coef, "a finite number >= 0", lambda x: x >= 0)
+        check_number("recipe.value_coef", self.value_coef, "a finite number >= 0", lambda x: x >= 0)
+        check_number("recipe.entropy_coef", self.entropy_coef, "a finite number")
+        check_name("recipe.hint_template", self.hint_template)
+        try:
+            self.hint_template.format(hint="")
+            if "{hint}" not in self.hint_template:
+                raise KeyError("hint")
+        except (KeyError, IndexError, ValueError):
+            raise _bad("recipe.hint_template", self.hint_template,
+                       "a template whose only field is {hint} (write other braces as {{ }})") from None
+        if not isinstance(self.hint_fractions, (list, tuple)):
+            raise _bad("recipe.hint_fractions", self.hint_fractions, "a list of numbers in (0, 1], e.g. [0.25, 0.5]")
+        for fraction in self.hint_fractions:
+            check_number("recipe.hint_fractions", fraction, "a list of numbers in (0, 1]", lambda x: 0 < x <= 1)
+        for key in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params"):
+            if getattr(self, key) is not None:
+                check_mapping(f"recipe.{key}", getattr(self, key))
+        for name, params in (self.selection_params or {}).items():
+            check_mapping(f"recipe.selection_params.{name}", params)
 
     @property
     def uses_expert(self) -> bool:
@@ -146,12 +234,13 @@ class RolloutConfig:
     max_resample_tries: int = 4  # dynamic sampling: extra generation rounds before giving up
 
     def __post_init__(self) -> None:
-        if self.prompts_per_step < 1 or self.group_size < 1:
-            raise ValueError("rollout.prompts_per_step and rollout.group_size must be >= 1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        check_int("rollout.prompts_per_step", self.prompts_per_step, 1)
+        check_int("rollout.group_size", self.group_size, 1)
+        if self.max_new_tokens is not None:
+            check_int("rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_number("rollout.temperature", self.temperature, "a finite number > 0", lambda x: x > 0)
+        check_number("rollout.top_p", self.top_p, "a number in (0, 1]", lambda x: 0 < x <= 1)
+        check_int("rollout.max_resample_tries", self.max_resample_tries, 0)
 
 
 @dataclass(frozen=True)
@@ -165,11 +254,19 @@ class OptimConfig:
     micro_batch_size: int = 64  # rows per forward/backward; gradients accumulate to the full batch
 
     def __post_init__(self) -> None:
+        check_number("optim.lr", self.lr, "a finite number > 0", lambda x: x > 0)
+        check_number("optim.weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise _bad("optim.betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.99]")
+        for beta in self.betas:
+            check_number("optim.betas", beta, "two numbers in [0, 1), e.g. [0.9, 0.99]", lambda x: 0 <= x < 1)
         object.__setattr__(self, "betas", tuple(self.betas))
-        if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"optim.schedule must be constant, cosine or linear, got {self.schedule!r}")
-        if self.micro_batch_size < 1:
-            raise ValueError("optim.micro_batch_size must be >= 1")
+        # <= 0 would zero the update or flip it into gradient ascent; inf means no clipping
+        check_number("optim.grad_clip", self.grad_clip, "a number > 0 (inf: no clipping)", lambda x: x > 0,
+                     allow_inf=True)
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_int("optim.micro_batch_size", self.micro_batch_size, 1)
 
 
 @dataclass(frozen=True)
@@ -186,15 +283,74 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # 0: only at the end
     eval_problems: int = 64
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 25  # a checkpoint every N steps and at the end (0: only at the end); see README
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     lora: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for key, kind in (("recipe", Recipe), ("rollout", RolloutConfig), ("optim", OptimConfig)):
+            if not isinstance(getattr(self, key), kind):
+                raise _bad(key, getattr(self, key), f"a section: set {key}.<key>=value" if key != "recipe"
+                           else "a section: pick one with --recipe and set recipe.<key>=value")
+        for key in ("model", "out"):  # a pathlib.Path is fine: kept as its string (the config is YAML)
+            if isinstance(getattr(self, key), os.PathLike):
+                object.__setattr__(self, key, os.fspath(getattr(self, key)))
+        check_name("task", self.task)
+        check_name("model", self.model)
+        if self.out is not None:
+            check_name("out", self.out)
+        # steps=0 is an error, not "train 0 steps" (nor the default 50): `unipo eval` evaluates without training
+        check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0, _MAX_SEED - 1)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise _bad("device", self.device, DEVICE_FORMS)
+        check_bool("bf16", self.bf16)
+        check_int("eval_every", self.eval_every, 0)
+        check_int("eval_problems", self.eval_problems, 1)
+        check_int("save_every", self.save_every, 0)
+        check_int("max_bad_steps", self.max_bad_steps, 1)
         if self.lora is not None:
+            _check_lora(self.lora)
             object.__setattr__(self, "lora", _frozen_mapping(self.lora))
-        if self.steps < 0:
-            raise ValueError("steps must be >= 0")
+        r, g = self.recipe, self.rollout.group_size
+        if r.data == "mixed" and not r.expert_in_addition and not r.expert_batch_frac and g <= r.expert_per_group:
+            raise ValueError(
+                f"rollout.group_size={g} leaves no rollouts: recipe {r.name} puts recipe.expert_per_group="
+                f"{r.expert_per_group} expert rows into each group of rollout.group_size rows "
+                f"(recipe.expert_in_addition=false); set rollout.group_size > {r.expert_per_group} "
+                f"or recipe.expert_in_addition=true")
+
+
+def _selection_names(value: Any) -> tuple[str, ...]:
+    """`recipe.selection` as a tuple of names. A bare string is one name only if it names a registered selection
+    (else `"cppo"` would be read one character at a time)."""
+    from unipo.core.selection import SELECTIONS
+
+    valid = ", ".join(SELECTIONS)
+    if isinstance(value, str):
+        if value not in SELECTIONS:
+            raise _bad("recipe.selection", value, f"a list of selection names (valid: {valid})")
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+        raise _bad("recipe.selection", value, f"a list of selection names (valid: {valid})")
+    return tuple(value)
+
+
+def _check_lora(lora: Any) -> None:
+    check_mapping("lora", lora)
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ValueError(f"lora: unknown option(s) {unknown}; valid: {', '.join(LORA_KEYS)}")
+    if "r" in lora:
+        check_int("lora.r", lora["r"], 1)
+    if "alpha" in lora:
+        check_number("lora.alpha", lora["alpha"], "a finite number > 0", lambda x: x > 0)
+    if "dropout" in lora:
+        check_number("lora.dropout", lora["dropout"], "a number in [0, 1)", lambda x: 0 <= x < 1)
+    modules = lora.get("target_modules", "all-linear")
+    if not (isinstance(modules, str) and modules) and not (
+            isinstance(modules, (list, tuple)) and modules and all(isinstance(m, str) and m for m in modules)):
+        raise _bad("lora.target_modules", modules, "a module name, a list of them, or all-linear")
 
 
 def to_dict(config: Any) -> Any:
@@ -210,6 +366,8 @@ def to_dict(config: Any) -> Any:
 
 def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     """Rebuild a (nested) config dataclass from `to_dict`'s output."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a {cls.__name__} section must be a mapping of key: value, got {_show(data)}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -239,20 +397,35 @@ def config_keys(config: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(config: Any, overrides: Mapping[str, str]) -> Any:
+def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
     """`{"rollout.group_size": "4", "recipe.loss_params.eps_high": "0.3"}` -> a new config.
 
-    Values are parsed as YAML scalars (so `4`, `0.3`, `true`, `[1, 2]` mean what they say).
-    An unknown key raises ValueError listing the valid ones.
+    Values are parsed as YAML scalars (so `4`, `0.3`, `true`, `[1, 2]` mean what they say). Every override is
+    set first and the config is built (and so checked) once, so their order never matters. Any mistake (an
+    unknown key, a value of the wrong type or out of range, a bad combination) is one ValueError line naming
+    the dotted key; an unknown key lists the valid ones.
     """
+    data = to_dict(config)
     for key, raw in overrides.items():
-        config = _override(config, key.split("."), parse_value(raw) if isinstance(raw, str) else raw, key, "")
-    return config
+        _set(config, data, str(key).split("."), raw, str(key), "")  # the key is checked before its value
+    try:
+        return from_dict(type(config), data)
+    except (ValueError, TypeError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the message was
+        if not any(key in message for key in overrides):
+            # e.g. a slot check ("recipe grpo: policy loss 'ppo_clip': unknown params ['eps_lo']"): name the keys
+            keys = [k for k in overrides if k.startswith("recipe.")] if message.startswith("recipe ") else []
+            message = f"{', '.join(keys or map(str, overrides))}: {message}" if overrides else message
+        raise ValueError(message) from None
 
 
 def parse_value(raw: str) -> Any:
-    """A YAML scalar, with `3e-4` read as a number (YAML 1.1 wants `3.0e-4`)."""
-    value = yaml.safe_load(raw)
+    """A YAML scalar, with `3e-4` read as a number (YAML 1.1 wants `3.0e-4`). Not YAML: ValueError."""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{_show(raw)} is not a valid value ({problem})") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -261,22 +434,38 @@ def parse_value(raw: str) -> Any:
     return value
 
 
-def _override(config: Any, path: list[str], value: Any, full_key: str, prefix: str) -> Any:
+def _parse_override(key: str, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return parse_value(raw)
+    except ValueError as error:
+        raise ValueError(f"{key if key.isprintable() else repr(key)}: {error}") from None
+
+
+def _set(config: Any, data: dict[str, Any], path: list[str], raw: Any, full_key: str, prefix: str) -> None:
+    """Put `raw`, parsed, at `path` in `data` (`config` as plain data), checking the key against `config`'s fields."""
     head, rest = path[0], path[1:]
     names = {f.name for f in fields(config)}
     if head not in names:
         valid = ", ".join(config_keys(config, prefix))
         raise ValueError(f"unknown config key {full_key!r}; valid: {valid}")
     current = getattr(config, head)
-    if not rest:
-        return dataclasses.replace(config, **{head: value})
     if dataclasses.is_dataclass(current):
-        return dataclasses.replace(config, **{head: _override(current, rest, value, full_key, f"{prefix}{head}.")})
-    if isinstance(current, Mapping) or current is None:
+        if not rest:
+            keys = ", ".join(config_keys(current, f"{prefix}{head}."))
+            raise ValueError(f"config key {full_key!r} is a section, not a value; set one of: {keys}")
+        _set(current, data[head], rest, raw, full_key, f"{prefix}{head}.")
+    elif not rest:
+        data[head] = _parse_override(full_key, raw)
+    elif isinstance(current, Mapping) or current is None:
         if len(rest) != 1:
             raise ValueError(f"config key {full_key!r} nests too deep")
-        return dataclasses.replace(config, **{head: {**(current or {}), rest[0]: value}})
-    raise ValueError(f"config key {full_key!r}: {head} is a plain value, not a section")
+        if not isinstance(data[head], Mapping) and data[head] is not None:
+            raise ValueError(f"config key {full_key!r}: {prefix}{head} was set to {_show(data[head])}, not a mapping")
+        data[head] = {**(data[head] or {}), rest[0]: _parse_override(full_key, raw)}
+    else:
+        raise ValueError(f"config key {full_key!r}: {prefix}{head} is a plain value, not a section")
 
 
 def dump_yaml(config: Any) -> str:

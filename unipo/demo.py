@@ -5,7 +5,7 @@
 3. train it with a hybrid-policy recipe (LUFFY as its paper writes it, `luffy_paper`: rollouts plus
    one expert trace per group);
 4. print held-out accuracy and pass@k before and after each stage, and leave run folders
-   with metrics, checkpoints and a plot.
+   with metrics, checkpoints and a plot (a rerun replaces the previous demo's folders).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: D
                              seed=seed, out=str(root / recipe_name), rollout=rollout, optim=optim,
                              eval_problems=plan.eval_problems)
         run = RunFolder(config.out)
+        run.claim_new(overwrite=True)  # the demo's own folders: a rerun replaces the previous demo's runs
         run.write_config(config)
         started = time.perf_counter()
         Trainer(config, model=model, tokenizer=tokenizer, run=run).fit()

@@ -70,7 +70,8 @@ def evaluate_model(model, tokenizer, task, *, n: int, ks: Sequence[int] = (1,), 
     """Greedy accuracy and unbiased pass@k on `n` problems of the task's test split.
 
     Greedy decoding gives `accuracy` (fully correct answers); `max(ks)` samples per problem at
-    `temperature` give `pass@k` for each k (Chen et al., arXiv 2107.03374).
+    `temperature` give `pass@k` for each k (Chen et al., arXiv 2107.03374). Completions are scored
+    by `score_completions`: in the reward sandbox unless the task's scorer is known safe.
     """
     import torch
 
@@ -97,7 +98,7 @@ def evaluate_model(model, tokenizer, task, *, n: int, ks: Sequence[int] = (1,), 
             gen = generate(model, prompts, group_size=group, max_new_tokens=max_new_tokens, eos_token_id=eos,
                            pad_token_id=pad, temperature=temperature, greedy=greedy, generator=generator)
             texts = tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
-            scores, _ = score_completions(task, [p for p in chunk for _ in range(group)], texts)
+            scores = score_completions(task, [p for p in chunk for _ in range(group)], texts).rewards
             if greedy:
                 greedy_scores += scores
                 lengths += gen.completion_mask.sum(1).float().tolist()

@@ -7,7 +7,10 @@ and benchmarks never touch the network). Optional LoRA wrapping goes through pef
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from unipo.config import LORA_KEYS
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2
@@ -40,7 +45,8 @@ TINY_SIZES: dict[str, dict[str, int]] = {
     ),
 }
 
-_LORA_KEYS = {"r", "alpha", "target_modules", "dropout"}
+_LORA_KEYS = set(LORA_KEYS)
+TINY_MAX_POSITIONS = 512  # the embedded models' context (max_position_embeddings)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -76,7 +82,7 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenize
 
 # ------------------------------------------------------------------------------------------------- models
 def build_tiny_model(
-    size: str = "tiny", *, alphabet: str = DEFAULT_ALPHABET, seed: int = 0, max_positions: int = 512
+    size: str = "tiny", *, alphabet: str = DEFAULT_ALPHABET, seed: int = 0, max_positions: int = TINY_MAX_POSITIONS
 ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A randomly initialised (seeded) float32 Qwen2ForCausalLM of shape `TINY_SIZES[size]` + its char tokenizer."""
     if size not in TINY_SIZES:
@@ -125,22 +131,117 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+class ModelSourceError(ValueError):
+    """`--model` names something that cannot be loaded: one line naming it and what is wrong."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus its completion budget does not fit in the model's context."""
+
+
+# A folder must hold one of these to be a model (weights) or to carry its own tokenizer.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def _looks_local(name: str) -> bool:
-    """True when `name` must be a filesystem path (a hub id is `name` or `org/name`, never these forms)."""
-    return (
-        os.path.exists(name)
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or "\\" in name
-    )
+    """True when `name` must be a filesystem path, not a hub id (`org/name`): it exists, starts with `.`, `~` or
+    `/`, has a backslash or more than one `/`, is `dir/name` whose `dir` exists here (`runs/ckpt`), or is a bare
+    name (`mycheckpoint`: hub ids have an org; a missing bare name is a missing folder, not a hub lookup)."""
+    if os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")) or "\\" in name:
+        return True
+    if name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    if "/" in name:
+        return os.path.isdir(name.split("/", 1)[0])
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _check_local_model_dir(path: str) -> None:
+    """One ModelSourceError line unless `path` is a loadable model folder: it exists, its config.json is valid
+    JSON, its weight files are there and complete (safetensors headers against file sizes), and it has tokenizer
+    files (without them transformers would silently build an empty tokenizer). Reads no weights."""
     if not os.path.exists(path):
-        raise ValueError(f"model path {path!r} does not exist")
-    if not os.path.isdir(path) or not any(
-            os.path.isfile(os.path.join(path, f)) for f in ("config.json", ADAPTER_CONFIG)):
-        raise ValueError(f"model path {path!r} is not a model directory (no config.json)")
+        hint = "" if "/" in path.strip("/") or path.startswith((".", "~")) else \
+            " (a hub id is org/name, e.g. Qwen/Qwen2.5-0.5B-Instruct; 'tiny' is the embedded model)"
+        raise ModelSourceError(f"model folder {path!r} does not exist{hint}")
+    if not os.path.isdir(path):
+        raise ModelSourceError(f"model path {path!r} is a file, not a model folder")
+    adapter = os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+    config_file = os.path.join(path, ADAPTER_CONFIG if adapter else "config.json")
+    if not os.path.isfile(config_file):
+        raise ModelSourceError(f"model path {path!r} is not a model folder (no config.json)")
+    try:
+        with open(config_file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelSourceError(f"model folder {path!r}: {os.path.basename(config_file)} is not valid JSON "
+                               f"({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"model folder {path!r}: {os.path.basename(config_file)} is not a JSON object")
+    weights = [f for f in (ADAPTER_WEIGHT_FILES if adapter else WEIGHT_FILES) if os.path.isfile(os.path.join(path, f))]
+    if not weights:
+        raise ModelSourceError(f"model folder {path!r} has no weights (expected one of "
+                               f"{', '.join(ADAPTER_WEIGHT_FILES if adapter else WEIGHT_FILES)})")
+    for name in weights:
+        _check_weight_file(path, name)
+    if not adapter and not _has_tokenizer(path):
+        raise ModelSourceError(f"model folder {path!r} has no tokenizer files (expected one of "
+                               f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there too (save_pretrained)")
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES) or any(
+        f.endswith(".tiktoken") for f in os.listdir(path))
+
+
+def _check_weight_file(folder: str, name: str) -> None:
+    """A sharded index names shards that exist; a safetensors file is as long as its header says."""
+    path = os.path.join(folder, name)
+    if name.endswith(".index.json"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ModelSourceError(f"model folder {folder!r}: {name} is not a valid shard index "
+                                   f"({_first_line(error)})") from None
+        for shard in shards:
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise ModelSourceError(f"model folder {folder!r}: shard {shard} named in {name} is missing")
+            if shard.endswith(".safetensors"):
+                _check_safetensors(folder, shard)
+    elif name.endswith(".safetensors"):
+        _check_safetensors(folder, name)
+
+
+def _check_safetensors(folder: str, name: str) -> None:
+    path = os.path.join(folder, name)
+    size = os.path.getsize(path)
+    problem = None
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            problem = "its header is cut short"
+        else:
+            try:
+                header = json.loads(fh.read(header_len))
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                problem = "its header is not valid"
+            else:
+                if 8 + header_len + end > size:
+                    problem = f"it is truncated ({size} of {8 + header_len + end} bytes)"
+    if problem:
+        raise ModelSourceError(f"model folder {folder!r}: {name} is damaged: {problem}; save or download it again")
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -200,16 +301,19 @@ def load_model(
         model, tokenizer = build_tiny_model(name.partition(":")[2] or "tiny")
         model = model.to(torch_dtype)
     else:
-        if _looks_local(name):
+        local = _looks_local(name)
+        if local:
             name = os.path.expanduser(name)
             _check_local_model_dir(name)
-        if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):
-            if lora is not None:
-                raise ValueError(f"{name!r} is already a LoRA checkpoint: drop the lora option to continue it")
-            model, tokenizer = _load_adapter(name, torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tokenizer = load_tokenizer(name)
+        adapter = os.path.isfile(os.path.join(name, ADAPTER_CONFIG))
+        if adapter and lora is not None:
+            raise ValueError(f"{name!r} is already a LoRA checkpoint: drop the lora option to continue it")
+        with _load_errors(name, local):
+            if adapter:
+                model, tokenizer = _load_adapter(name, torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+                tokenizer = load_tokenizer(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -219,6 +323,95 @@ def load_model(
     if lora is not None:
         model = _wrap_lora(model, lora)
     return model, tokenizer
+
+
+@contextmanager
+def _load_errors(name: str, local: bool):
+    """Turn a failure to load `name` (a damaged folder the checks above could not see, a hub id the hub does not
+    have or cannot be reached for) into one ModelSourceError line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ModelSourceError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError) as error:
+        where = f"model folder {name!r}" if local else f"model {name!r} (not a local folder; looked up as a hub id)"
+        raise ModelSourceError(f"{where}: cannot be loaded: {_first_line(error)}") from None
+
+
+def model_config(name_or_path: str | os.PathLike[str]):
+    """The model's config, without its weights (the checks of `load_model` included): for `inspect_model`."""
+    from transformers import AutoConfig
+
+    name = os.fspath(name_or_path)
+    if name == "tiny" or name.startswith("tiny:"):
+        size = name.partition(":")[2] or "tiny"
+        if size not in TINY_SIZES:
+            raise ValueError(f"unknown tiny model size {size!r}; valid: {sorted(TINY_SIZES)}")
+        return Qwen2Config(max_position_embeddings=TINY_MAX_POSITIONS, **TINY_SIZES[size])
+    local = _looks_local(name)
+    if local:
+        name = os.path.expanduser(name)
+        _check_local_model_dir(name)
+    with _load_errors(name, local):
+        if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):
+            with open(os.path.join(name, ADAPTER_CONFIG)) as fh:
+                base = json.load(fh).get("base_model_name_or_path")
+            if not base:
+                raise ModelSourceError(f"LoRA checkpoint {name!r} does not name its base model "
+                                       f"(base_model_name_or_path)")
+            return AutoConfig.from_pretrained(base)
+        return AutoConfig.from_pretrained(name)
+
+
+def inspect_model(name_or_path: str | os.PathLike[str]) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """`(tokenizer, context length)` of a model without loading its weights: what a check before training needs
+    (prompt lengths), and the same one-line errors as `load_model` for a bad name or folder."""
+    name = os.fspath(name_or_path)
+    config = model_config(name)
+    if name == "tiny" or name.startswith("tiny:"):
+        return build_char_tokenizer(), context_length(config)
+    name = os.path.expanduser(name) if _looks_local(name) else name
+    with _load_errors(name, _looks_local(name)):
+        source = name
+        if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)) and not _has_tokenizer(name):
+            with open(os.path.join(name, ADAPTER_CONFIG)) as fh:
+                source = json.load(fh)["base_model_name_or_path"]
+        tokenizer = load_tokenizer(source)
+    return tokenizer, context_length(config)
+
+
+def context_length(model_or_config) -> int | None:
+    """The most positions the model was built for (`max_position_embeddings`; tiny: 512), or None if its config
+    does not say. Accepts a model (peft-wrapped too) or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for candidate in (config, getattr(config, "text_config", None)):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            value = getattr(candidate, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_prompt_lengths(lengths: Iterable[int], max_new_tokens: int, context: int | None,
+                         *, what: str = "prompt") -> None:
+    """PromptTooLongError (one line) unless every `lengths[i]` tokens + `max_new_tokens` fit in `context`.
+
+    A prompt past the model's context is never run silently: on rotary models it runs on positions the model
+    never saw, and a long one allocates memory for every position (30,000 characters on the tiny model: 7 GB)."""
+    if context is None:
+        return
+    lengths = list(lengths)
+    too_long = [n for n in lengths if n + max_new_tokens > context]
+    if too_long:
+        longest = max(too_long)
+        fix = (f"shorten the prompts or set rollout.max_new_tokens <= {context - longest}" if longest < context
+               else "shorten the prompts (or use a model with a longer context)")
+        budget = f" plus a completion budget of {max_new_tokens}" if max_new_tokens else ""
+        raise PromptTooLongError(
+            f"{len(too_long)} of {len(lengths)} {what}s do not fit the model's context: the longest has {longest} "
+            f"tokens{budget}, over the model's {context} positions (max_position_embeddings); {fix}")
 
 
 def _wrap_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:

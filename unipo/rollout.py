@@ -21,6 +21,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from unipo.core.logprobs import entropy_from_logits, selective_log_softmax
 from unipo.lean_decoder import BufferCache, LeanDecoder, lean_decoder, positions_from_mask
+from unipo.models import check_prompt_lengths, context_length
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model's next-token distribution holds NaN/inf: its weights diverged (or a checkpoint is damaged)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's next-token distribution is NaN/inf while sampling: its weights have diverged "
+                         "(lower optim.lr) or the checkpoint holds non-finite values")
 
 
 @dataclass
@@ -110,7 +119,9 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     if greedy:
         token = logp.argmax(dim=-1)
     else:
-        probs = logp.exp()
+        # A NaN/inf logit makes its whole row NaN: sample it uniformly rather than crash inside multinomial (or
+        # trip a device assert); its NaN log-prob stops `generate` with NonFiniteLogitsError.
+        probs = logp.exp().nan_to_num(nan=1.0)
         if top_p < 1.0:
             probs = top_p_filter(probs, top_p)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -272,6 +283,7 @@ def generate(
     The model is used in whatever train/eval mode it is in.
     """
     _check_generate_args(prompts, group_size, max_new_tokens, temperature, top_p, greedy)
+    check_prompt_lengths(map(len, prompts), max_new_tokens, context_length(model))
     device = _model_device(model)
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)  # [N, P]
     lean = lean_decoder(model) if share_prompt_cache else None
@@ -287,9 +299,11 @@ def generate(
         token_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
         live = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
+        diverged = torch.zeros((), dtype=torch.bool, device=device)
         steps = 0
         while True:
             token, logp = _next_token(logits, temperature, top_p, greedy, generator)
+            diverged = diverged | (logp.isnan() & ~done).any()
             tokens[:, steps] = token.masked_fill(done, pad_token_id)
             token_logp[:, steps] = logp.masked_fill(done, 0.0)
             live[:, steps] = ~done
@@ -297,9 +311,11 @@ def generate(
             steps += 1
             # The one host sync per step: stopping as soon as every row hit EOS saves whole forward passes,
             # which cost far more than reading one bool.
-            if steps == max_new_tokens or bool(done.all()):
+            if steps == max_new_tokens or bool(done.all() | diverged):
                 break
             logits = step(tokens[:, steps - 1:steps], steps)
+    if bool(diverged):
+        raise NonFiniteLogitsError()
     # Clone out of inference mode: inference tensors cannot be saved for backward, and the trainer mixes
     # these (as constants) into differentiable expressions.
     return Generation(
@@ -382,6 +398,10 @@ def policy_logprobs(
     # after cutting the first columns means rows of different prompt lengths
     if not has_prompt:
         raise ValueError("prompt_mask is all zero: every row needs at least one prompt token")
+    context = context_length(model)
+    if context is not None and prompt_ids.shape[1] - first + kept > context:  # a row may not fit: measure each
+        rows = prompt_mask.sum(1) + completion_mask[:, :kept].sum(1)
+        check_prompt_lengths(rows.tolist(), 0, context, what="prompt + completion row")
     head = model.get_output_embeddings()
     if kept == 0:  # nothing to score: all zeros, no forward
         zeros = torch.zeros((batch, width), dtype=torch.float32, device=completion_ids.device)

@@ -299,34 +299,42 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
-        """Train until `config.steps`, logging, evaluating and checkpointing as configured."""
+        """Train until `config.steps`, logging, evaluating and checkpointing as configured.
+
+        With a run folder, the run holds its lock (`RunFolder.lock`) until fit returns or raises, and a checkpoint
+        is written every `save_every` steps and at the end (unless one was just written at that step)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
+        if self.run:
+            self.run.lock()  # held since start_run/resume_run; taken here for a trainer built another way
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.recipe.name} on {cfg.task}",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
-        while self.step < cfg.steps:
-            result = self.train_step()
-            self.history.append(result.metrics)
-            if self.run:
-                self.run.append("metrics.jsonl", result.metrics)
-            bar.update(1)
-            bar.set_postfix({k: f"{result.metrics[k]:.3f}" for k in ("reward_mean", "accuracy", "loss")
-                             if result.metrics.get(k) is not None})
-            if self.bad_steps >= cfg.max_bad_steps:
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {self.step}); "
-                    f"stopped, the last good checkpoint is kept")
-            if result.skipped:
-                continue  # never checkpoint or evaluate a state that just failed
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.evaluate()
-            if self.run and cfg.save_every and self.step % cfg.save_every == 0:
+        try:
+            while self.step < cfg.steps:
+                result = self.train_step()
+                self.history.append(result.metrics)
+                if self.run:
+                    self.run.append("metrics.jsonl", result.metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{result.metrics[k]:.3f}" for k in ("reward_mean", "accuracy", "loss")
+                                 if result.metrics.get(k) is not None})
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{self.bad_steps} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                        f"stopped, the last good checkpoint is kept")
+                if result.skipped:
+                    continue  # never checkpoint or evaluate a state that just failed
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+                if self.run and cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+            if self.run and getattr(self, "saved_step", None) != self.step:
                 self.save()
-        bar.close()
-        if self.run:
-            self.save()
+        finally:
+            bar.close()
+            if self.run:
+                self.run.unlock()
         return self.history
 
     def evaluate(self, n: int | None = None, ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
@@ -342,6 +350,8 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs besides the weights: tensors (optimizer moments, RNG states as uint8, the value
+        head) and plain values (steps, scheduler, Python RNG, SPO's tracker), saved by `unipo.runs` without pickle."""
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
@@ -350,19 +360,21 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
-            "value_head": None if self.value_head is None else self.value_head.state_dict(),
+            "value_head": None if self.value_head is None else dict(self.value_head.state_dict()),
             "tracker": {} if self.tracker is None else dict(self.tracker.state),
         }
 
     def save(self) -> None:
+        """checkpoint-<step> in the run folder (and the reference model, once): safetensors and JSON, no pickle."""
         assert self.run is not None
-        if self.reference is not None and not (self.run.path / "reference").exists():
-            self.reference.save_pretrained(self.run.path / "reference")
-            self.tokenizer.save_pretrained(self.run.path / "reference")
+        if self.reference is not None:
+            self.run.save_reference(self.reference, self.tokenizer)
         self.run.save_checkpoint(self.step, self.model, self.tokenizer, self.state_dict())
+        self.saved_step = self.step
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        """Restore `state_dict()`'s output (as `unipo.runs.load_trainer_state` reads it back)."""
+        self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
@@ -371,7 +383,7 @@ class Trainer:
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
         if self.tracker is not None:
-            self.tracker.state = dict(state["tracker"])
+            self.tracker.state = {prompt: tuple(ab) for prompt, ab in state["tracker"].items()}
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -393,33 +405,82 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient."""
 
 
-def start_run(config: TrainConfig, *, progress: bool = True) -> Trainer:
-    """A trainer for a new run, writing into `config.out` (if set)."""
-    run = RunFolder(config.out) if config.out else None
-    if run:
-        run.write_config(config)
-    return Trainer(config, run=run, progress=progress)
+def start_run(config: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> Trainer:
+    """A trainer for a new run, writing into `config.out` (if set).
+
+    The folder is locked for the run's life (until `fit` ends), and must hold nothing: a folder with files in it
+    is refused (RunFolderError) unless `overwrite`, which empties it first (only a unipo run folder's files)."""
+    if not config.out:
+        return Trainer(config, progress=progress)
+    run = RunFolder(config.out)
+    created = run.claim_new(overwrite=overwrite)
+    try:
+        trainer = Trainer(config, run=run, progress=progress)
+    except BaseException:
+        run.release_new(created)
+        raise
+    run.write_config(config)
+    return trainer
 
 
-def resume_run(out: str, *, steps: int | None = None, progress: bool = True) -> Trainer:
-    """A trainer that continues the run in `out` from its latest checkpoint."""
+def resume_run(out: str, *, steps: int | None = None, progress: bool = True,
+               given: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> Trainer:
+    """A trainer that continues the run in the folder `out` from its newest checkpoint that verifies.
+
+    `out` is the run: the `out` written in its config.yaml is not used (a copied or moved run folder resumes
+    where it is). `steps` is the total to reach. `given` (recipe name, task, model, seed) and `overrides`
+    (key=value) must equal the saved config, else RunFolderError names each difference. Before loading, stale
+    temporary files are removed and a partial last line of the jsonl logs cut (each with a warning); a checkpoint
+    whose manifest does not verify is skipped with a warning naming it and why."""
     import dataclasses
 
+    from unipo.config import apply_overrides
+    from unipo.runs import RunFolderError, load_trainer_state, settings_differences, verify, warn
+
     run = RunFolder(out)
-    config = run.read_config()
-    if steps is not None:
-        config = dataclasses.replace(config, steps=steps)
-        run.write_config(config)
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint to resume from in {out}")
-    device = pick_device(config.device)
-    model, tokenizer = load_model(str(checkpoint), device=device)
-    trainer = Trainer(config, model=model, tokenizer=tokenizer, run=run, progress=progress)
-    if trainer.reference is not None and (run.path / "reference").exists():
-        trainer.reference = trainer._frozen_copy(load_model(str(run.path / "reference"), device=device)[0])
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    trainer.load_state(state)
-    run.truncate_after("metrics.jsonl", trainer.step)
-    run.truncate_after("eval.jsonl", trainer.step)
+    if not run.is_run():
+        raise RunFolderError(f"{out} is not a run folder (no config.yaml)")
+    run.lock()
+    try:
+        saved = run.read_config()
+        config = dataclasses.replace(saved, out=str(out))
+        overrides = dict(overrides or {})
+        differences = settings_differences(config, given or {}, overrides)
+        if differences:
+            raise RunFolderError(f"--resume continues {out} with its saved settings, and these differ: "
+                                 f"{'; '.join(differences)} (drop them, or start a new run in another folder)")
+        if "steps" in overrides:
+            config = apply_overrides(config, {"steps": overrides["steps"]})
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+        run.remove_stale()
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            run.repair_log(name)
+        skipped: list[str] = []
+        checkpoint = run.latest_checkpoint(skipped)
+        for line in skipped:
+            warn(f"{out}: {line}")
+        if checkpoint is None:
+            why = "every checkpoint failed verification" if skipped else "a run writes its first checkpoint at " \
+                f"step {config.save_every or config.steps} (save_every)"
+            raise RunFolderError(f"no intact checkpoint to resume from in {out} ({why}); start it again with "
+                                 f"--overwrite")
+        if config != saved:
+            run.write_config(config)
+        device = pick_device(config.device)
+        model, tokenizer = load_model(str(checkpoint), device=device)
+        trainer = Trainer(config, model=model, tokenizer=tokenizer, run=run, progress=progress)
+        if trainer.reference is not None:
+            problem = verify(run.path / "reference")
+            if problem is not None:
+                raise RunFolderError(f"{run.path / 'reference'}: {problem}; the run cannot resume without its "
+                                     f"reference model")
+            trainer.reference = trainer._frozen_copy(load_model(str(run.path / "reference"), device=device)[0])
+        trainer.load_state(load_trainer_state(checkpoint))
+        trainer.saved_step = trainer.step
+        run.truncate_after("metrics.jsonl", trainer.step)
+        run.truncate_after("eval.jsonl", trainer.step)
+    except BaseException:
+        run.unlock()
+        raise
     return trainer

@@ -153,18 +153,19 @@ class PolicyUpdate:
             declared = {k: local[k] if k in local else _rows(inputs[k], rows) for k in self.loss.inputs}
             rl_loss, metrics = compute_policy_loss(
                 r.loss, logp, old, advantages[rows], rl_mask, r.aggregation, weights=plan.rl_tokens[rows],
-                denominator=denominators["rl"], max_len=max_len, **{**r.loss_params, **declared})
+                denominator=denominators["rl"], max_len=max_len, check_finite=False,  # optimizer_step's guard
+                **{**r.loss_params, **declared})
             loss = loss + rl_loss
         if plan.has_sft:
             phi = chord_phi_weights(logp) if r.sft_weighting == "phi" else 1.0  # CHORD-phi: p(1-p) per token
             sft_loss, _ = compute_policy_loss("sft", logp, old, torch.ones_like(logp[:, 0]), plan.sft_mask[rows],
                                               "token_mean", weights=plan.sft_tokens[rows] * phi,
-                                              denominator=denominators["sft"])
+                                              denominator=denominators["sft"], check_finite=False)
             loss = loss + sft_loss
             metrics["sft_loss"] = sft_loss.detach()
         if plan.ref_logp is not None and r.kl_coef:
-            kl = aggregate(kl_estimate(logp, plan.ref_logp[rows], r.kl_estimator), rl_mask, r.aggregation,
-                           denominator=denominators["rl"], max_len=max_len)
+            kl = aggregate(kl_estimate(logp, plan.ref_logp[rows], r.kl_estimator, check_finite=False), rl_mask,
+                           r.aggregation, denominator=denominators["rl"], max_len=max_len)
             loss = loss + r.kl_coef * kl
             metrics["kl"] = kl.detach()
         if r.entropy_coef:

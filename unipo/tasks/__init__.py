@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from unipo.tasks import addition, countdown, jsonl, multiplication, rg, sort  # noqa: F401 (registration)
 from unipo.tasks.base import (
+    MAX_SCORED_CHARS,
     TASKS,
     GeneratedTask,
     Problem,
+    ScoreResult,
     Task,
     extract_answer,
     get_task,
@@ -19,9 +21,11 @@ from unipo.tasks.base import (
 )
 
 __all__ = [
+    "MAX_SCORED_CHARS",
     "TASKS",
     "GeneratedTask",
     "Problem",
+    "ScoreResult",
     "Task",
     "extract_answer",
     "get_task",

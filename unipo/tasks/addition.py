@@ -39,6 +39,7 @@ class AdditionTask(GeneratedTask):
     """
 
     name = "addition"
+    scorer_is_safe = True  # pure verifier: never evaluates the completion, linear time
 
     def __init__(self, digits: int = 2, reverse: bool = False) -> None:
         check_digits("digits", digits)

@@ -9,7 +9,10 @@ Splits: a problem belongs to "train" or "test" by a stable hash of its prompt (`
 so the two splits never share a prompt, whatever the seed, the task parameters or the
 process (Python's `hash` is salted per process; sha256 is not).
 
-Model output is untrusted input: nothing here evaluates it as code.
+Model output is untrusted input: nothing here evaluates it as code. Scorers that may (a
+third-party verifier that calls `eval` or sympy's `parse_expr`, as several reasoning-gym datasets
+do) run in the reward sandbox (`unipo.sandbox`): a task whose `scorer_is_safe` is False is scored
+in a pool of resource-limited worker processes, never in the training process.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class Task(ABC):
 
     name: str
     max_new_tokens: int  # a completion budget that fits a correct answer with room to spare
+    # True only for a scorer that never evaluates the completion as code and runs in time linear
+    # in its length (the built-in verifiers); any other task is scored in the reward sandbox,
+    # which needs the task to be picklable (or to re-create itself in the worker via __reduce__).
+    scorer_is_safe: bool = False
 
     @abstractmethod
     def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]: ...
@@ -125,9 +132,16 @@ def derive_seed(*parts: object) -> int:
 # Reading answers out of completions
 # ----------------------------------------------------------------------------------------
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 _BOXED = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
 _MAX_INT_DIGITS = 64  # longer "integers" are garbage, and int() of huge strings is slow
+
+# Completions longer than this are scored on their last MAX_SCORED_CHARS characters (where a
+# final `<answer>` or `\boxed{}` sits): `score_completions` cuts them before any parser or
+# scorer sees them, and counts them. A reasoning trace of a few thousand tokens fits; a 10 MB
+# completion costs the scorer no more than an 8 KB one.
+MAX_SCORED_CHARS = 8192
 
 
 def extract_answer(text: str) -> str:
@@ -136,28 +150,56 @@ def extract_answer(text: str) -> str:
     Whichever of the two starts last wins, so `<answer>\\boxed{5}</answer>` gives `5`. The
     result is stripped. Chat models that reason before answering and the tiny char-level
     model that answers directly are then scored by the same tasks.
+
+    `<answer>` pairs are read left to right, each opening tag with the first closing tag after
+    it (the lazy regex `<answer>(.*?)</answer>`); `\\boxed{` takes the last one whose braces
+    balance. Both are one pass over the text: time linear in its length, whatever it holds.
     """
-    best_start, best = -1, None
-    for match in _ANSWER_TAG.finditer(text):
-        best_start, best = match.start(), match.group(1)
+    best_start, best = _last_answer_tag(text)
     boxed_start, boxed = _last_boxed(text)
     if boxed is not None and boxed_start > best_start:
         best = boxed
     return (text if best is None else best).strip()
 
 
+def _last_answer_tag(text: str) -> tuple[int, str | None]:
+    """Start index and content of the last `<answer>...</answer>` pair, as `re.finditer` of the lazy
+    pattern would pair them, in one left-to-right pass (the regex rescans to the end from every
+    unclosed `<answer>`: quadratic)."""
+    start, content, position = -1, None, 0
+    while True:
+        opening = text.find(_ANSWER_OPEN, position)
+        if opening == -1:
+            return start, content
+        closing = text.find(_ANSWER_CLOSE, opening + len(_ANSWER_OPEN))
+        if closing == -1:  # no later opening tag can close either
+            return start, content
+        start, content = opening, text[opening + len(_ANSWER_OPEN) : closing]
+        position = closing + len(_ANSWER_CLOSE)
+
+
 def _last_boxed(text: str) -> tuple[int, str | None]:
-    """Start index and content of the last `\\boxed{...}` with balanced braces."""
-    start = text.rfind(_BOXED)
-    while start != -1:
-        depth, i = 1, start + len(_BOXED)
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return start, text[start + len(_BOXED) : i - 1]
-        start = text.rfind(_BOXED, 0, start)  # unbalanced: try an earlier one
-    return -1, None
+    """Start index and content of the last `\\boxed{...}` whose braces balance.
+
+    One pass over the braces with a stack of open ones: the `}` that pops a `\\boxed{` brace is the
+    one the brace-counting scan from that `\\boxed{` would stop at, so the result is the same as
+    trying each `\\boxed{` from the last one back, without rescanning the tail for every one.
+    """
+    opened: list[int] = []  # indices of unmatched "{" (a "}" with none open is ignored)
+    best_start, best_end = -1, -1
+    first_open = len(_BOXED) - 1  # index of "{" inside "\\boxed{"
+    for match in _BRACE.finditer(text):
+        index = match.start()
+        if text[index] == "{":
+            opened.append(index)
+        elif opened:
+            brace = opened.pop()
+            start = brace - first_open
+            if start > best_start and text.startswith(_BOXED, start):
+                best_start, best_end = start, index
+    if best_start == -1:
+        return -1, None
+    return best_start, text[best_start + len(_BOXED) : best_end]
 
 
 def parse_integer(text: str) -> int | None:
@@ -173,25 +215,60 @@ def parse_integer(text: str) -> int | None:
 # ----------------------------------------------------------------------------------------
 
 
-def score_completions(
-    task: Task, problems: Sequence[Problem], completions: Sequence[str]
-) -> tuple[list[float], int]:
-    """Rewards `task.score(p, c)` for each pair, and how many scorer calls failed.
+@dataclass
+class ScoreResult:
+    """Rewards of a batch of completions and what went wrong while scoring them.
+
+    `errors`: scorer calls that raised, returned something that is not a finite number in [0, 1],
+    tried something the sandbox forbids, or crashed their worker; `timeouts`: calls that overran
+    the sandbox's time limit; `truncated`: completions longer than MAX_SCORED_CHARS, scored on
+    their tail. Every error and timeout scored 0.
+    """
+
+    rewards: list[float]
+    errors: int = 0
+    timeouts: int = 0
+    truncated: int = 0
+
+
+def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str], *,
+                      sandbox: object | None = None) -> ScoreResult:
+    """Rewards `task.score(p, c)` for each pair, with the count of failed and timed-out calls.
 
     A call that raises, or returns something that is not a finite number in [0, 1], scores 0
     and is counted: one malformed completion (or a scorer bug on a rare input) must not stop
-    a training run, but the count is logged so it is not silent either.
+    a training run, but the count is logged so it is not silent either. Completions are cut to
+    their last MAX_SCORED_CHARS characters first. A task whose `scorer_is_safe` is False is
+    scored in `sandbox` (a `unipo.sandbox.RewardSandbox`; default: the process-wide one), where a
+    call that hangs scores 0 and counts as a timeout.
     """
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    capped, truncated = cap_completions(completions)
+    if task.scorer_is_safe:
+        result = score_in_process(task, problems, capped)
+    else:
+        from unipo.sandbox import default_sandbox  # multiprocessing only when a task needs it
+
+        result = (sandbox or default_sandbox()).score(task, problems, capped)
+    result.truncated = truncated
+    return result
+
+
+def cap_completions(completions: Sequence[str]) -> tuple[list[str], int]:
+    """Each completion cut to its last MAX_SCORED_CHARS characters, and how many were cut."""
+    capped = [c if len(c) <= MAX_SCORED_CHARS else c[-MAX_SCORED_CHARS:] for c in completions]
+    return capped, sum(len(c) > MAX_SCORED_CHARS for c in completions)
+
+
+def score_in_process(task: Task, problems: Sequence[Problem], completions: Sequence[str]) -> ScoreResult:
+    """`task.score` on each pair in this process (for scorers that are safe to run here), errors counted."""
     rewards: list[float] = []
     errors = 0
     first_error: str | None = None
     for problem, completion in zip(problems, completions):
         try:
-            reward = float(task.score(problem, completion))
-            if not (math.isfinite(reward) and 0.0 <= reward <= 1.0):
-                raise ValueError(f"score {reward!r} is outside [0, 1]")
+            reward = check_reward(task.score(problem, completion))
         except Exception as error:  # noqa: BLE001 - any scorer failure becomes reward 0
             errors += 1
             first_error = first_error or f"{type(error).__name__}: {error}"
@@ -199,7 +276,15 @@ def score_completions(
         rewards.append(reward)
     if errors:
         logger.warning("task %s: %d scorer error(s) scored 0; first: %s", task.name, errors, first_error)
-    return rewards, errors
+    return ScoreResult(rewards, errors)
+
+
+def check_reward(value: object) -> float:
+    """`value` as a float in [0, 1]; ValueError (or TypeError) for anything else."""
+    reward = float(value)  # type: ignore[arg-type]
+    if not (math.isfinite(reward) and 0.0 <= reward <= 1.0):
+        raise ValueError(f"score {reward!r} is outside [0, 1]")
+    return reward
 
 
 # ----------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ class CountdownTask(GeneratedTask):
     """
 
     name = "countdown"
+    scorer_is_safe = True  # pure verifier: never evaluates the completion, linear time
 
     def __init__(self, count: int = 3, low: int = 1, high: int = 9) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 5:

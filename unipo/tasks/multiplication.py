@@ -17,6 +17,7 @@ class MultiplicationTask(GeneratedTask):
     """
 
     name = "multiplication"
+    scorer_is_safe = True  # pure verifier: never evaluates the completion, linear time
 
     def __init__(self, digits: int = 2, multiplier_digits: int = 1) -> None:
         check_digits("digits", digits)

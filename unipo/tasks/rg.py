@@ -3,6 +3,11 @@
 reasoning-gym (github.com/open-thought/reasoning-gym) generates problems procedurally and
 scores answers with each dataset's own `score_answer`, so it runs offline. Its prompts are
 long natural-language questions meant for chat models, not the tiny char-level default.
+
+Several of those scorers run the answer as code (`eval` in spiral_matrix, binary_matrix, n_queens,
+string_insertion; sympy's `parse_expr` in countdown, puzzle24, polynomial_multiplication, the
+integration tasks), so no rg task is `scorer_is_safe`: `score_completions` scores them in the
+reward sandbox, whose workers re-create the task from its spec (`__reduce__`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class ReasoningGymTask(Task):
     derived from (seed, chunk index) and filtered into the split by prompt hash.
     """
 
+    scorer_is_safe = False  # some score_answer() call eval() or parse_expr() on the answer
+
     def __init__(self, dataset: str = "", max_new_tokens: int = 512, **config: Any) -> None:
         import reasoning_gym  # imported here: ~2 s, and only rg tasks need it
 
@@ -39,6 +46,10 @@ class ReasoningGymTask(Task):
         self._create = reasoning_gym.create_dataset
         # score_answer reads the entry and at most the dataset's config, so one instance scores all
         self._scorer = self._make(seed=0, size=1)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its spec (dataset, max_new_tokens, config): a sandbox worker builds its own."""
+        return (_rebuild, (self.dataset, self.max_new_tokens, dict(self.config)))
 
     def _make(self, *, seed: int, size: int) -> Any:
         try:
@@ -72,3 +83,7 @@ class ReasoningGymTask(Task):
 
     def score(self, problem: Problem, completion: str) -> float:
         return float(self._scorer.score_answer(answer=extract_answer(completion), entry=problem.meta["entry"]))
+
+
+def _rebuild(dataset: str, max_new_tokens: int, config: dict[str, Any]) -> ReasoningGymTask:
+    return ReasoningGymTask(dataset, max_new_tokens, **config)

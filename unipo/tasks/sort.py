@@ -17,6 +17,7 @@ class SortTask(GeneratedTask):
     """
 
     name = "sort"
+    scorer_is_safe = True  # pure verifier: never evaluates the completion, linear time
 
     def __init__(self, k: int = 4, low: int = 0, high: int = 9) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
