@@ -79,6 +79,7 @@ class Trainer:
         self.run = run
         self.step = 0
         self.bad_steps = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.history: list[dict[str, float]] = []
         self._batch: RolloutBatch | None = None  # the batch being trained on (read by `_policy_forward`)
 
@@ -329,7 +330,7 @@ class Trainer:
                     self.evaluate()
                 if self.run and cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-            if self.run and getattr(self, "saved_step", None) != self.step:
+            if self.run and self.saved_step != self.step:
                 self.save()
         finally:
             bar.close()
