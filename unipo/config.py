@@ -20,6 +20,7 @@ import yaml
 
 DATA_SOURCES = ("on_policy", "mixed", "expert")
 SCHEDULES = ("constant", "cosine", "linear")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 LORA_KEYS = ("r", "alpha", "target_modules", "dropout")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
@@ -278,7 +279,10 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     device: str = "auto"
-    bf16: bool = False  # autocast matmuls to bfloat16 (off by default; see benchmarks)
+    bf16: bool = False  # autocast matmuls to bfloat16 over the stored weights (off by default; see benchmarks)
+    # the dtype the weights are loaded and stored in; AdamW's moments follow the parameters' dtype (README)
+    model_dtype: str = "float32"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (README)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # 0: only at the end
@@ -305,6 +309,8 @@ class TrainConfig:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise _bad("device", self.device, DEVICE_FORMS)
         check_bool("bf16", self.bf16)
+        check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
         check_int("eval_every", self.eval_every, 0)
         check_int("eval_problems", self.eval_problems, 1)
         check_int("save_every", self.save_every, 0)

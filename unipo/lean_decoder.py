@@ -14,6 +14,13 @@ Two things the HF forward cannot do cheaply are built in:
 `lean_decoder(model)` returns None for anything it does not reproduce exactly (other architectures, LoRA or
 quantised layers, scaled RoPE, sliding windows, attention dropout, non-SiLU MLPs); callers then use the HF path.
 Tests pin logits, log-probs and gradients to the HF forward.
+
+Gradient checkpointing (`model.gradient_checkpointing_enable()`) is honoured, not dropped: in train mode with
+gradients on, each decoder layer HF marked for checkpointing runs under non-reentrant `torch.utils.checkpoint`
+(its activations are recomputed in the backward pass), the same layers HF's own forward would checkpoint. Always
+non-reentrant, whatever HF was given: the prompt's keys/values leave the layer through the cache, and only the
+non-reentrant form lets gradients flow back through them. In eval mode or under no_grad (sampling, the
+behaviour pass) nothing changes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 _ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -47,8 +55,8 @@ class NoCache:
         self.keep, self.layers = keep, []
 
     def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keep:
-            self.layers.append((k, v))
+        if self.keep:  # by index: a checkpointed layer's recomputation in the backward pass calls this again
+            self.layers[index:index + 1] = [(k, v)]
         return k, v
 
 
@@ -97,6 +105,9 @@ class LeanDecoder:
                               layer.self_attn.v_proj, layer.self_attn.o_proj, layer.post_attention_layernorm.weight,
                               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
                        for layer in body.layers[:config.num_hidden_layers]]
+        # the layers HF would checkpoint (train mode only, as in HF's GradientCheckpointingLayer)
+        self.checkpointed = [model.training and bool(getattr(layer, "gradient_checkpointing", False))
+                             for layer in body.layers[:config.num_hidden_layers]]
 
     # -- pieces -------------------------------------------------------------------------------------
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -148,10 +159,18 @@ class LeanDecoder:
         past; `cache` supplies the keys/values before this call's own (NoCache, PrefixCache or BufferCache)."""
         h = F.embedding(ids, self.embedding)
         rope = self.rotary(positions, h.dtype)
+        grad = torch.is_grad_enabled()
         for index in range(len(self.layers)):
-            h = h + self.attention(index, self.norm(h, self.layers[index].norm1), rope, mask, cache)
-            h = h + self.mlp(index, self.norm(h, self.layers[index].norm2))
+            if grad and self.checkpointed[index]:
+                h = checkpoint(self.layer, index, h, rope, mask, cache, use_reentrant=False)
+            else:
+                h = self.layer(index, h, rope, mask, cache)
         return self.norm(h, self.final_norm)
+
+    def layer(self, index: int, h: torch.Tensor, rope, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """One decoder layer: attention then MLP, each pre-normed and residual."""
+        h = h + self.attention(index, self.norm(h, self.layers[index].norm1), rope, mask, cache)
+        return h + self.mlp(index, self.norm(h, self.layers[index].norm2))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
@@ -237,8 +256,8 @@ def _plain_config(config) -> bool:
 
 
 def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
-    """Exactly nn.Linear / nn.Embedding / RMSNorm modules: no LoRA, quantised or patched layers, no hooks, and
-    no gradient checkpointing (a memory choice the lean forward would silently drop)."""
+    """Exactly nn.Linear / nn.Embedding / RMSNorm modules: no LoRA, quantised or patched layers, no hooks
+    (gradient checkpointing is fine: `LeanDecoder.hidden` checkpoints the same layers)."""
     linears = [model.lm_head]
     for layer in body.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -247,13 +266,16 @@ def _plain_modules(model: nn.Module, body: nn.Module) -> bool:
                                                                    layer.post_attention_layernorm)):
             return False
     modules = [model, body, body.embed_tokens, body.norm, *linears]
+    # HF's checkpointing adds a hook making the embeddings' output require grad (for frozen embeddings under
+    # reentrant checkpointing): it changes no value, and the lean forward checkpoints non-reentrantly.
+    allowed = {hook.id for hook in getattr(model, "_require_grads_hooks", None) or ()}
     return (all(type(m) is nn.Linear for m in linears) and type(body.embed_tokens) is nn.Embedding
-            and type(body.norm).__name__.endswith("RMSNorm") and not any(_hooked(m) for m in modules)
-            and _unpatched_forward(model) and not getattr(body, "gradient_checkpointing", False))
+            and type(body.norm).__name__.endswith("RMSNorm") and not any(_hooked(m, allowed) for m in modules)
+            and _unpatched_forward(model))
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _hooked(module: nn.Module, allowed: set[int] = frozenset()) -> bool:
+    return bool(set(module._forward_hooks) - allowed or module._forward_pre_hooks)
 
 
 def _unpatched_forward(model: nn.Module) -> bool:

@@ -82,9 +82,12 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenize
 
 # ------------------------------------------------------------------------------------------------- models
 def build_tiny_model(
-    size: str = "tiny", *, alphabet: str = DEFAULT_ALPHABET, seed: int = 0, max_positions: int = TINY_MAX_POSITIONS
+    size: str = "tiny", *, alphabet: str = DEFAULT_ALPHABET, seed: int = 0, max_positions: int = TINY_MAX_POSITIONS,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """A randomly initialised (seeded) float32 Qwen2ForCausalLM of shape `TINY_SIZES[size]` + its char tokenizer."""
+    """A randomly initialised (seeded) Qwen2ForCausalLM of shape `TINY_SIZES[size]` + its char tokenizer. The
+    weights are drawn in float32 and then stored in `dtype` (None: float32), so every dtype rounds the same model."""
+    torch_dtype = _resolve_dtype(dtype)
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny model size {size!r}; valid: {sorted(TINY_SIZES)}")
     tokenizer = build_char_tokenizer(alphabet)
@@ -103,6 +106,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = model.to(torch_dtype)
     for key, value in special.items():
         setattr(model.generation_config, key, value)
     model.eval()
@@ -293,13 +297,13 @@ def load_model(
     The tokenizer gets a pad token (eos) when it has none and pads on the left (for generation); the model
     config's pad id follows it. `lora={"r", "alpha", "target_modules", "dropout"}` wraps the model with peft
     (defaults r=8, alpha=16, all linear layers except the LM head, dropout 0), leaving only LoRA weights
-    trainable. `dtype=None` means float32.
+    trainable. `dtype` is the dtype the weights are loaded and stored in (`TrainConfig.model_dtype`); None means
+    float32.
     """
     name = os.fspath(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     if name == "tiny" or name.startswith("tiny:"):
-        model, tokenizer = build_tiny_model(name.partition(":")[2] or "tiny")
-        model = model.to(torch_dtype)
+        model, tokenizer = build_tiny_model(name.partition(":")[2] or "tiny", dtype=torch_dtype)
     else:
         local = _looks_local(name)
         if local:

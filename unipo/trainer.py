@@ -54,8 +54,18 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
         if model is None:
-            model, tokenizer = load_model(config.model, device=self.device, lora=config.lora)
+            model, tokenizer = load_model(config.model, device=self.device, dtype=config.model_dtype,
+                                          lora=config.lora)
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        if config.gradient_checkpointing:
+            # Only train-mode forwards with gradients recompute (HF's layers and the lean decoder alike): sampling
+            # and the no-grad passes run as before. Non-reentrant: inputs need not require grad (LoRA, frozen
+            # embeddings), and the lean decoder's prompt keys/values keep their gradients (unipo.lean_decoder).
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.task = get_task(config.task)
         self.max_new_tokens = config.rollout.max_new_tokens or self.task.max_new_tokens
         self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None
@@ -186,9 +196,12 @@ class Trainer:
     # -- batch inputs ----------------------------------------------------------------------
     def _sampler_logp_exact(self) -> bool:
         """The sampler's log-probs are pi_old's exactly when it drew from the full tempered softmax in
-        float32: the same temperature as the loss's forward (always), no top-p renormalisation and no bf16
-        autocast (whose incremental decode rounds differently from the full forward)."""
-        return self.config.rollout.top_p >= 1.0 and not self.config.bf16
+        float32: the same temperature as the loss's forward (always), no top-p renormalisation, no bf16
+        autocast and float32 weights (`model_dtype`; in lower precision the incremental decode rounds
+        differently from the full forward)."""
+        full_precision = (not self.config.bf16 and self.config.model_dtype == "float32"
+                          and all(p.dtype == torch.float32 for p in self.model.parameters()))
+        return self.config.rollout.top_p >= 1.0 and full_precision
 
     def _provider(self, batch: RolloutBatch) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, float]]:
         """The batch inputs the recipe's slots declared, pi_old's log-probs when the update needs them
@@ -469,14 +482,15 @@ def resume_run(out: str, *, steps: int | None = None, progress: bool = True,
         if config != saved:
             run.write_config(config)
         device = pick_device(config.device)
-        model, tokenizer = load_model(str(checkpoint), device=device)
+        model, tokenizer = load_model(str(checkpoint), device=device, dtype=config.model_dtype)
         trainer = Trainer(config, model=model, tokenizer=tokenizer, run=run, progress=progress)
         if trainer.reference is not None:
             problem = verify(run.path / "reference")
             if problem is not None:
                 raise RunFolderError(f"{run.path / 'reference'}: {problem}; the run cannot resume without its "
                                      f"reference model")
-            trainer.reference = trainer._frozen_copy(load_model(str(run.path / "reference"), device=device)[0])
+            trainer.reference = trainer._frozen_copy(
+                load_model(str(run.path / "reference"), device=device, dtype=config.model_dtype)[0])
         trainer.load_state(load_trainer_state(checkpoint))
         trainer.saved_step = trainer.step
         run.truncate_after("metrics.jsonl", trainer.step)
