@@ -124,23 +124,20 @@ def test_checkpointing_keeps_the_lean_forward_and_is_train_mode_only():
     assert not any(lean_decoder(model).checkpointed)
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "sft"])
-def test_checkpointing_gives_the_same_gradients(recipe):
-    base = _config(recipe)
+def _assert_checkpointing_keeps_the_gradients(base) -> None:
     batch = _batch(base)
     plain = _grads_after_learn(base, batch)
     checkpointed = _grads_after_learn(dataclasses.replace(base, gradient_checkpointing=True), batch)
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "sft"])
+def test_checkpointing_gives_the_same_gradients(recipe):
+    _assert_checkpointing_keeps_the_gradients(_config(recipe))
 
 
 def test_checkpointing_on_the_hf_forward_gives_the_same_gradients():
     """LoRA models run HF's own forward (no lean decoder): HF's checkpointing applies there."""
-    base = _config("grpo", lora={"r": 2})
-    batch = _batch(base)
-    plain = _grads_after_learn(base, batch)
-    checkpointed = _grads_after_learn(dataclasses.replace(base, gradient_checkpointing=True), batch)
-    assert any(g.abs().sum() > 0 for g in plain)
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+    _assert_checkpointing_keeps_the_gradients(_config("grpo", lora={"r": 2}))

@@ -1,7 +1,7 @@
 """The reward sandbox: completions are scored by scorers that are not known safe in worker processes.
 
 Model output is untrusted input, and some verifiers run it as code: reasoning-gym's spiral_matrix,
-binary_matrix, n_queens and string_insertion call `eval()` on the answer; its countdown, puzzle24,
+binary_matrix, n_queens and string_insertion evaluate the answer as a Python expression; its countdown, puzzle24,
 polynomial_multiplication and integration tasks call sympy's `parse_expr`, which evaluates too
 (`9**9**9` hangs it); math-verify parses with sympy. A task whose `scorer_is_safe` is False (every
 task but the built-in pure verifiers) is therefore scored here, never in the training process.

@@ -31,7 +31,7 @@ class ReasoningGymTask(Task):
     derived from (seed, chunk index) and filtered into the split by prompt hash.
     """
 
-    scorer_is_safe = False  # some score_answer() call eval() or parse_expr() on the answer
+    scorer_is_safe = False  # some score_answer() evaluate the answer as Python or parse it with sympy
 
     def __init__(self, dataset: str = "", max_new_tokens: int = 512, **config: Any) -> None:
         import reasoning_gym  # imported here: ~2 s, and only rg tasks need it
