@@ -148,3 +148,20 @@ def test_lean_sampling_log_probs_are_the_policy_log_probs_of_the_samples() -> No
     assert (gen.completion_mask.sum(1) < 12).any()  # some rows stopped early
     logp = policy_logprobs(EOS_MODEL, gen.prompt_ids, gen.prompt_mask, gen.completion_ids, gen.completion_mask).logp
     torch.testing.assert_close(logp, gen.sampling_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sampled_padding_token_gets_no_embedding_gradient_as_in_hf(monkeypatch) -> None:
+    """A sampled completion may contain the padding token's id as a real token (an untrained model samples it).
+    HF's embedding (padding_idx) never sends a lookup's gradient to that row; the lean forward must not either,
+    or the two paths train differently (seen as a mismatch between FSDP, which takes the HF path, and one process)."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _policy_batch()
+    completion_ids[0, 2] = PAD  # inside row 0's mask: a real token that happens to be the padding id
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    model = copy.deepcopy(QWEN).train()
+    assert model.model.embed_tokens.padding_idx == PAD
+    _logprobs_and_grads(model, batch)
+    lean_row = model.model.embed_tokens.weight.grad[PAD].clone()
+    _hf_only(monkeypatch)
+    _logprobs_and_grads(model, batch)
+    hf_row = model.model.embed_tokens.weight.grad[PAD]
+    torch.testing.assert_close(lean_row, hf_row, rtol=1e-4, atol=1e-5)

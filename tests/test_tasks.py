@@ -55,6 +55,7 @@ def example_specs(jsonl_path: Path) -> dict[str, list[str]]:
         "countdown": [s for s in PROCEDURAL_SPECS if s.startswith("countdown")],
         "rg": [RG_SPEC],
         "jsonl": [str(jsonl_path)],
+        "hf": [f"hf:{jsonl_path}:eval_split=hash"],  # the same file read by `datasets` (unipo.tasks.hf)
     }
 
 

@@ -2,9 +2,11 @@
 
     unipo demo                                   the main job: SFT warm start, then hybrid RL
     unipo train --recipe R --task T [key=value]  train with any recipe
+    unipo train --config run.yaml [key=value]    train from a config file (unipo recipes show R --yaml)
     unipo sft --task T                           supervised fine-tuning on demonstrations
     unipo eval --model DIR --task T --k 1,4,16   accuracy and unbiased pass@k
-    unipo plot RUN                               learning curves as a PNG
+    unipo plot RUN [RUN ...]                     learning curves as PNGs (one per run, one overlay)
+    unipo watch RUN                              the latest metrics of a run, live
     unipo recipes [show NAME]                    the catalogue
 
 Errors: a mistake in the input (an unknown recipe, task or config key, a value of the wrong type or out of
@@ -79,10 +81,14 @@ def preflight(config) -> None:
     task builds and both its splits have problems (an empty test split is an error now, not after training);
     the model name or folder (config, weights, tokenizer; no weights read); prompts (a sample of up to 64 per
     split, or every problem of a JSONL file) plus the completion budget (and, for recipes with expert rows, the
-    demonstrations) fit the model's context; --out can be written."""
+    demonstrations) fit the model's context; --out can be written; the trackers `log` names are installed."""
+    from unipo.engine import check_engine
     from unipo.models import check_prompt_lengths, format_prompt, inspect_model
     from unipo.tasks.base import get_task
+    from unipo.tracking import check_installed
 
+    check_installed(config.log)
+    check_engine(config)  # rollout.engine=vllm without vLLM installed: say how to install it, load nothing
     task = get_task(config.task)
     finite = list(getattr(task, "problems", None) or [])  # a JSONL file: check every problem
     problems = []
@@ -134,15 +140,41 @@ def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out:
                  overrides: list[str]):
     from unipo.config import TrainConfig, apply_overrides
     from unipo.recipes import get_recipe
+
+    _check_task(task)
+    config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
+                         out=out or default_out(recipe, task))
+    config = apply_overrides(config, parse_overrides(overrides))
+    preflight(config)
+    return config
+
+
+def _check_task(task: str) -> None:
     from unipo.tasks.base import get_task
 
     try:
         get_task(task)  # fail early, before a model is built
     except OSError as error:  # jsonl:<a directory>, a missing file: one line naming the path
         raise ValueError(f"task {task!r}: {user_error_message(error) or error}") from None
-    config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
-                         out=out or default_out(recipe, task))
+
+
+def _typed(ctx: typer.Context, names: tuple[str, ...]) -> dict:
+    """The options among `names` typed on the command line (not left at their defaults)."""
+    return {name: ctx.params[name] for name in names
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def config_from_file(ctx: typer.Context, path: str, overrides: list[str]):
+    """`train --config FILE`: the file, then the options typed on the command line, then key=value."""
+    from unipo.config import apply_overrides, load_config_file
+
+    given = _typed(ctx, ("recipe", "task", "model", "steps", "seed", "out"))
+    config = load_config_file(path, recipe=given.pop("recipe", None))
+    config = apply_overrides(config, given, parse=False)
     config = apply_overrides(config, parse_overrides(overrides))
+    if config.out is None:
+        config = apply_overrides(config, {"out": default_out(config.recipe.name, config.task)}, parse=False)
+    _check_task(config.task)
     preflight(config)
     return config
 
@@ -162,6 +194,8 @@ def run_training(config, resume: bool) -> None:
     except NonFiniteLossError as err:
         fail(str(err))
     result = trainer.evaluate()
+    if trainer.run is not None:
+        trainer.run.close_trackers()
     png = plot_run(config.out)
     typer.echo(f"held-out accuracy {result['accuracy']:.3f}; run folder {config.out}; plot {png}")
 
@@ -171,7 +205,8 @@ def train(
     ctx: typer.Context,
     recipe: str = typer.Option("grpo", help="Recipe name (see `unipo recipes`)."),
     task: str = typer.Option("addition",
-                             help="Task: addition, countdown, sort, multiplication, rg:<name>, jsonl:<path>."),
+                             help="Task: addition, countdown, sort, multiplication, rg:<name>, jsonl:<path>, "
+                                  "hf:<dataset>[:prompt=<column>,answer=<column>,...]."),
     model: str = typer.Option("tiny", help="'tiny' (embedded, built locally), a local path or a hub id."),
     steps: Optional[int] = typer.Option(
         None, help="Training steps, one rollout batch each (default 50; with --resume, the total to reach)."),
@@ -182,6 +217,11 @@ def train(
                                             "saved settings."),
     overwrite: bool = typer.Option(False, help="Empty --out first if it holds a run (a new run refuses a non-empty "
                                                "folder)."),
+    config_file: Optional[str] = typer.Option(
+        None, "--config", help="Start from this YAML config (a run's config.yaml, or `unipo recipes show NAME "
+                               "--yaml`); options typed here and key=value override it."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this machine (data parallel, parallel=ddp|fsdp): "
+                                             "launches torchrun; see docs/scaling.md."),
 ) -> None:
     """Train with any recipe.
 
@@ -198,13 +238,22 @@ def train(
     --resume keeps the run's saved settings: a differing --recipe, --task, --model, --seed or key=value is an error.
 
     With --resume, --steps is the total to reach (it may differ from the saved one).
+
+    --config FILE starts from a YAML config; --recipe replaces its recipe section, and --task, --model, --steps,
+    --seed, --out and key=value override its keys.
+
+    --nproc N runs N processes under torchrun (the same as `torchrun --nproc_per_node N -m unipo train ...`).
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(launch_torchrun(nproc))
     try:
         if resume:
             if not out:
                 fail("--resume needs --out RUN_DIR")
             if overwrite:
                 fail("--resume and --overwrite exclude each other (--overwrite deletes the run --resume continues)")
+            if config_file:
+                fail("--resume continues a run with its saved settings; --config starts a new one (drop one)")
             from unipo.trainer import resume_run
 
             given = {name: ctx.params[name] for name in ("recipe", "task", "model", "seed")  # typed, not defaulted
@@ -213,15 +262,36 @@ def train(
         else:
             from unipo.trainer import start_run
 
-            config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args)
+            if config_file:
+                config = config_from_file(ctx, config_file, ctx.args)
+            else:
+                config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args)
             trainer = start_run(config, overwrite=overwrite)
         _fit_and_report(trainer)
     except USER_ERRORS as err:
         fail(str(err))
 
 
+def launch_torchrun(nproc: int) -> int:
+    """This `unipo train` command again as `nproc` processes under torchrun on this machine; its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "unipo", *args]
+    return subprocess.run(command).returncode
+
+
 def _fit_and_report(trainer) -> None:
     """`unipo train`'s end: fit, then the held-out evaluation and the plot, still holding the run's lock."""
+    from unipo.distributed import shutdown
     from unipo.plotting import plot_run
     from unipo.trainer import NonFiniteLossError
 
@@ -229,14 +299,20 @@ def _fit_and_report(trainer) -> None:
         trainer.fit()
     except NonFiniteLossError as err:
         fail(str(err))
-    run = trainer.run
-    run.lock()
+    run = trainer.run  # None on the ranks other than 0 of a multi-process run: they only evaluate with rank 0
+    if run is not None:
+        run.lock()
     try:
         result = trainer.evaluate()
-        png = plot_run(run.path)
+        png = plot_run(run.path) if run is not None else None
     finally:
-        run.unlock()
-    typer.echo(f"held-out accuracy {result['accuracy']:.3f}; run folder {run.path}; plot {png}")
+        if run is not None:
+            run.unlock()
+            run.close_trackers()
+        if trainer.parallel.active:
+            shutdown(trainer)
+    if run is not None:
+        typer.echo(f"held-out accuracy {result['accuracy']:.3f}; run folder {run.path}; plot {png}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -295,15 +371,44 @@ def evaluate(
 
 
 @app.command()
-def plot(run: str = typer.Argument(..., help="Run folder."),
-         out: Optional[str] = typer.Option(None, help="PNG path (default RUN/curves.png).")) -> None:
-    """Plot a run's reward and accuracy curves to a PNG."""
-    from unipo.plotting import plot_run
+def plot(runs: list[str] = typer.Argument(..., help="Run folder(s).", metavar="RUN..."),
+         out: Optional[str] = typer.Option(None, help="PNG path: a single run's plot (default RUN/curves.png), or "
+                                                      "the overlay of several (default next to the runs)."),
+         smooth: Optional[int] = typer.Option(None, min=1, help="Steps in the trailing mean (default ~a tenth of "
+                                                                "the run).")) -> None:
+    """Learning curves as PNGs: reward, held-out accuracy, loss, KL, entropy, clip fraction, response length.
 
+    One PNG per run (RUN/curves.png) and, given several runs, one overlaying them (legend: the run names).
+    """
+    from unipo.plots import plot_runs
+
+    notes: list[str] = []
     try:
-        typer.echo(str(plot_run(run, out)))
+        written = plot_runs(runs, out, smooth=smooth, notes=notes)
     except USER_ERRORS as err:
         fail(user_error_message(err) or str(err))
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
+def watch(run: str = typer.Argument(..., help="Run folder."),
+          once: bool = typer.Option(False, help="Print the table once and exit."),
+          interval: float = typer.Option(2.0, min=0.1, help="Seconds between refreshes.")) -> None:
+    """A live view of a run folder: the latest value of each metric, refreshed until the run finishes.
+
+    For curves while it trains: `tensorboard --logdir RUN` (with log=tensorboard), or `unipo plot RUN`.
+    """
+    from unipo.tracking import watch as watch_run
+
+    try:
+        watch_run(run, once=once, interval=interval)
+    except USER_ERRORS as err:
+        fail(user_error_message(err) or str(err))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
@@ -350,15 +455,21 @@ def recipes_list(ctx: typer.Context, markdown: bool = typer.Option(
 
 
 @recipes_app.command("show")
-def recipes_show(name: str = typer.Argument(..., help="Recipe name.")) -> None:
+def recipes_show(name: str = typer.Argument(..., help="Recipe name."),
+                 as_yaml: bool = typer.Option(False, "--yaml", help="A whole run config with this recipe, to edit "
+                                                                    "and pass to `unipo train --config`.")) -> None:
     """The recipe's resolved config (every slot), as YAML."""
-    from unipo.config import dump_yaml
+    from unipo.config import TrainConfig, dump_yaml
     from unipo.recipes import RECIPES
 
     try:
         recipe = RECIPES.get(name)
     except ValueError as err:
         fail(str(err))
+    if as_yaml:
+        typer.echo(f"# unipo train --config THIS_FILE [key=value ...]: a run with recipe {name}, every key at its "
+                   f"default\n{dump_yaml(TrainConfig(recipe=recipe))}", nl=False)
+        return
     typer.echo(dump_yaml(recipe))
 
 

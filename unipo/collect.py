@@ -17,8 +17,9 @@ import torch
 from unipo.config import Recipe, RolloutConfig
 from unipo.core.hybrid import ghpo_hint_fraction, ghpo_needs_hint
 from unipo.core.selection import informative_groups, overlong_reward_penalty
+from unipo.engine.native import NativeEngine
 from unipo.models import format_prompt
-from unipo.rollout import generate, pad_sequences
+from unipo.rollout import pad_sequences
 from unipo.tasks.base import Problem, Task, extract_answer, score_completions
 
 
@@ -94,8 +95,13 @@ class RolloutCollector:
     """Turns a step's prompts into a scored `RolloutBatch` following the recipe's data slot."""
 
     def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
-                 *, max_new_tokens: int, device: torch.device, generator: torch.Generator) -> None:
+                 *, max_new_tokens: int, device: torch.device, generator: torch.Generator,
+                 shard: tuple[int, int] = (0, 1), engine=None) -> None:
         self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
+        self.engine = engine if engine is not None else NativeEngine(model)  # who samples (unipo.engine)
+        # (rank, world size): this process collects prompts rank, rank + N, ... of each step's draw, so each
+        # advantage group stays on one rank (unipo.distributed)
+        self.rank, self.world_size = shard
         self.cfg, self.max_new_tokens, self.device, self.generator = rollout, max_new_tokens, device, generator
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -103,13 +109,17 @@ class RolloutCollector:
 
     # -- public -------------------------------------------------------------------------
     def collect(self, *, seed: int, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """One step's batch; with dynamic sampling, refilled with informative groups."""
-        want = math.ceil(self.recipe.prompt_multiplier * self.cfg.prompts_per_step)
+        """One step's batch (this rank's share of it); with dynamic sampling, refilled with informative groups."""
+        want_all = math.ceil(self.recipe.prompt_multiplier * self.cfg.prompts_per_step)
+        want = len(range(self.rank, want_all, self.world_size))
+        if self.rank > 0:  # rank 0 keeps one process's stream; the others draw from (seed, step, rank)
+            self.generator.manual_seed(_mix_seed(seed, step, 1_000_000 + self.rank))
         self._reward_timeouts = 0
         kept: list[RolloutBatch] = []
         n_groups = tries = generated_groups = 0
         while n_groups < want:
-            problems = self.task.sample(want, seed=_mix_seed(seed, step, tries), split="train")
+            draw = self.task.sample(want_all, seed=_mix_seed(seed, step, tries), split="train")
+            problems = draw[self.rank::self.world_size]
             batch = self._rollout(problems, first_index=generated_groups)
             generated_groups += len(problems)
             if self.recipe.dynamic_sampling:
@@ -183,9 +193,9 @@ class RolloutCollector:
                              for i, h in zip(which, hints)]
         else:
             prompt_tokens = [prompts[i] for i in which]
-        gen = generate(self.model, prompt_tokens, group_size=n, max_new_tokens=self.max_new_tokens,
-                       eos_token_id=self.eos_id, pad_token_id=self.pad_id, temperature=self.cfg.temperature,
-                       top_p=self.cfg.top_p, generator=self.generator)
+        gen = self.engine.generate(prompt_tokens, group_size=n, max_new_tokens=self.max_new_tokens,
+                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, temperature=self.cfg.temperature,
+                                   top_p=self.cfg.top_p, generator=self.generator)
         texts = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
         row_problem = [problems[i] for i in which for _ in range(n)]
         rewards, correct, errors = self._score(row_problem, texts,
@@ -264,7 +274,7 @@ class RolloutCollector:
         SFT set into every batch at a ratio): each its own prompt, outside every advantage group."""
         frac = self.recipe.expert_batch_frac
         n = max(1, round(frac / (1.0 - frac) * n_rollouts))
-        problems = self.task.sample(n, seed=_mix_seed(seed, step, 10_007), split="train")
+        problems = self.task.sample(n, seed=_mix_seed(seed, step, 10_007 + 7_919 * self.rank), split="train")
         rows = self._expert_rows(problems, [self._encode_prompt(p.prompt) for p in problems], 1, first_index)
         rows.group_ids = -(rows.prompt_index + 1)
         return rows

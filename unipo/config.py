@@ -21,8 +21,11 @@ import yaml
 DATA_SOURCES = ("on_policy", "mixed", "expert")
 SCHEDULES = ("constant", "cosine", "linear")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ROLLOUT_ENGINES = ("native", "vllm")  # unipo.engine.ENGINES
+PARALLEL_MODES = ("ddp", "fsdp")  # data-parallel modes under torchrun (unipo.distributed)
 LORA_KEYS = ("r", "alpha", "target_modules", "dropout")
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # jsonl is always written; the others mirror it (unipo.tracking)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 _MAX_SEED = 2**63
 
@@ -233,6 +236,16 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_resample_tries: int = 4  # dynamic sampling: extra generation rounds before giving up
+    # who samples: "native" (unipo's sampler on the trainer's model) or "vllm" (colocated vLLM, docs/vllm.md)
+    engine: str = "native"
+    vllm_kv_cache_gib: float = 1.0  # vLLM's KV cache (its own default would take most of the memory)
+    vllm_max_model_len: int | None = None  # None: the model's context
+    vllm_gpu_memory_utilization: float = 0.3  # CUDA only: vLLM's share of the GPU beside the trainer
+    # importance weights for the engine/trainer log-prob mismatch (unipo.core.correction; TRL's modes): none,
+    # token_truncate (TIS), token_mask, sequence_truncate, sequence_mask; bounds on the ratio (None: unbounded)
+    correction: str = "none"
+    correction_max: float | None = 3.0
+    correction_min: float | None = None
 
     def __post_init__(self) -> None:
         check_int("rollout.prompts_per_step", self.prompts_per_step, 1)
@@ -242,6 +255,22 @@ class RolloutConfig:
         check_number("rollout.temperature", self.temperature, "a finite number > 0", lambda x: x > 0)
         check_number("rollout.top_p", self.top_p, "a number in (0, 1]", lambda x: 0 < x <= 1)
         check_int("rollout.max_resample_tries", self.max_resample_tries, 0)
+        check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        check_number("rollout.vllm_kv_cache_gib", self.vllm_kv_cache_gib, "a finite number > 0", lambda x: x > 0)
+        if self.vllm_max_model_len is not None:
+            check_int("rollout.vllm_max_model_len", self.vllm_max_model_len, 1)
+        check_number("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, "a number in (0, 1]",
+                     lambda x: 0 < x <= 1)
+        from unipo.core.correction import CORRECTION_MODES
+
+        check_choice("rollout.correction", self.correction, CORRECTION_MODES)
+        for key in ("correction_max", "correction_min"):
+            if getattr(self, key) is not None:
+                check_number(f"rollout.{key}", getattr(self, key), "a finite number > 0 (or null)", lambda x: x > 0)
+        if (self.correction_min is not None and self.correction_max is not None
+                and self.correction_min > self.correction_max):
+            raise ValueError(f"rollout.correction_min={self.correction_min} is above rollout.correction_max="
+                             f"{self.correction_max}")
 
 
 @dataclass(frozen=True)
@@ -283,6 +312,9 @@ class TrainConfig:
     # the dtype the weights are loaded and stored in; AdamW's moments follow the parameters' dtype (README)
     model_dtype: str = "float32"
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass (README)
+    # under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2 shards weights, gradients and
+    # AdamW's moments over the ranks); ignored in one process. docs/scaling.md
+    parallel: str = "ddp"
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # 0: only at the end
@@ -290,6 +322,8 @@ class TrainConfig:
     save_every: int = 25  # a checkpoint every N steps and at the end (0: only at the end); see README
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     lora: Mapping[str, Any] | None = None
+    # where metrics go besides metrics.jsonl: "tensorboard" (RUN/tb), "wandb" (RUN/wandb); "a,b" or a list
+    log: tuple[str, ...] = ("jsonl",)
 
     def __post_init__(self) -> None:
         for key, kind in (("recipe", Recipe), ("rollout", RolloutConfig), ("optim", OptimConfig)):
@@ -311,6 +345,10 @@ class TrainConfig:
         check_bool("bf16", self.bf16)
         check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        check_choice("parallel", self.parallel, PARALLEL_MODES)
+        if self.parallel == "fsdp" and (self.lora is not None or self.recipe.value_coef > 0):
+            what = "a LoRA adapter" if self.lora is not None else "a value head (recipe.value_coef > 0)"
+            raise ValueError(f"parallel=fsdp does not shard {what} yet; use parallel=ddp")
         check_int("eval_every", self.eval_every, 0)
         check_int("eval_problems", self.eval_problems, 1)
         check_int("save_every", self.save_every, 0)
@@ -318,6 +356,7 @@ class TrainConfig:
         if self.lora is not None:
             _check_lora(self.lora)
             object.__setattr__(self, "lora", _frozen_mapping(self.lora))
+        object.__setattr__(self, "log", _log_names(self.log))
         r, g = self.recipe, self.rollout.group_size
         if r.data == "mixed" and not r.expert_in_addition and not r.expert_batch_frac and g <= r.expert_per_group:
             raise ValueError(
@@ -340,6 +379,18 @@ def _selection_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
         raise _bad("recipe.selection", value, f"a list of selection names (valid: {valid})")
     return tuple(value)
+
+
+def _log_names(value: Any) -> tuple[str, ...]:
+    """`log` as ("jsonl", <trackers in the order given>): "tensorboard,wandb" and [tensorboard, wandb] alike."""
+    allowed = f"some of {', '.join(LOGGERS)} (e.g. tensorboard,wandb)"
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise _bad("log", value, allowed)
+    names = [n.strip() for n in names if n.strip()]
+    if any(n not in LOGGERS for n in names):
+        raise _bad("log", value, allowed)
+    return tuple(dict.fromkeys(["jsonl", *names]))
 
 
 def _check_lora(lora: Any) -> None:
@@ -403,17 +454,18 @@ def config_keys(config: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
+def apply_overrides(config: Any, overrides: Mapping[str, Any], *, parse: bool = True) -> Any:
     """`{"rollout.group_size": "4", "recipe.loss_params.eps_high": "0.3"}` -> a new config.
 
     Values are parsed as YAML scalars (so `4`, `0.3`, `true`, `[1, 2]` mean what they say). Every override is
     set first and the config is built (and so checked) once, so their order never matters. Any mistake (an
     unknown key, a value of the wrong type or out of range, a bad combination) is one ValueError line naming
-    the dotted key; an unknown key lists the valid ones.
+    the dotted key; an unknown key lists the valid ones. `parse=False` takes values as they are (a config
+    file's, already YAML).
     """
     data = to_dict(config)
     for key, raw in overrides.items():
-        _set(config, data, str(key).split("."), raw, str(key), "")  # the key is checked before its value
+        _set(config, data, str(key).split("."), raw, str(key), "", parse)  # the key is checked before its value
     try:
         return from_dict(type(config), data)
     except (ValueError, TypeError) as error:
@@ -449,7 +501,8 @@ def _parse_override(key: str, raw: Any) -> Any:
         raise ValueError(f"{key if key.isprintable() else repr(key)}: {error}") from None
 
 
-def _set(config: Any, data: dict[str, Any], path: list[str], raw: Any, full_key: str, prefix: str) -> None:
+def _set(config: Any, data: dict[str, Any], path: list[str], raw: Any, full_key: str, prefix: str,
+         parse: bool = True) -> None:
     """Put `raw`, parsed, at `path` in `data` (`config` as plain data), checking the key against `config`'s fields."""
     head, rest = path[0], path[1:]
     names = {f.name for f in fields(config)}
@@ -461,18 +514,88 @@ def _set(config: Any, data: dict[str, Any], path: list[str], raw: Any, full_key:
         if not rest:
             keys = ", ".join(config_keys(current, f"{prefix}{head}."))
             raise ValueError(f"config key {full_key!r} is a section, not a value; set one of: {keys}")
-        _set(current, data[head], rest, raw, full_key, f"{prefix}{head}.")
+        _set(current, data[head], rest, raw, full_key, f"{prefix}{head}.", parse)
     elif not rest:
-        data[head] = _parse_override(full_key, raw)
+        data[head] = _parse_override(full_key, raw) if parse else raw
     elif isinstance(current, Mapping) or current is None:
         if len(rest) != 1:
             raise ValueError(f"config key {full_key!r} nests too deep")
         if not isinstance(data[head], Mapping) and data[head] is not None:
             raise ValueError(f"config key {full_key!r}: {prefix}{head} was set to {_show(data[head])}, not a mapping")
-        data[head] = {**(data[head] or {}), rest[0]: _parse_override(full_key, raw)}
+        data[head] = {**(data[head] or {}), rest[0]: _parse_override(full_key, raw) if parse else raw}
     else:
         raise ValueError(f"config key {full_key!r}: {prefix}{head} is a plain value, not a section")
 
 
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def load_config_file(path: str | os.PathLike, *, recipe: str | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file: a run's config.yaml, `unipo recipes show NAME --yaml`, or any subset of
+    their keys (the rest keep their defaults; a dotted key `rollout.group_size: 4` works too).
+
+    `recipe:` is a registered recipe's name, or a mapping that starts from the registered recipe it names (a
+    recipe that is not registered must give every key, as a run's config.yaml does); a mapping value
+    (`loss_params`, `lora`, ...) replaces the whole mapping. `recipe`, when given (--recipe), replaces the file's
+    recipe section. Each mistake is one ValueError line naming the file and the key.
+    """
+    from unipo.recipes import RECIPES
+
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"config file {name!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {name!r} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name}: not UTF-8 text (byte {error.start + 1})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{name}: not valid YAML: {getattr(error, 'problem', None) or error}{where}") from None
+    data = {} if data is None else data  # an empty file (or only comments): every default
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{name}: expected a mapping of key: value at the top, got a {type(data).__name__}")
+    data = {str(k): v for k, v in data.items()}
+    section = data.pop("recipe", None)
+    try:
+        given: dict[str, Any] = {}
+        if recipe is not None or section is None or isinstance(section, str):
+            base = RECIPES.get(recipe or section or "grpo")  # grpo: the --recipe default
+        elif isinstance(section, Mapping):
+            given = {str(k): v for k, v in section.items()}
+            label = given.get("name")
+            check_name("recipe.name", label)
+            if label in RECIPES:
+                base = RECIPES.get(label)
+            else:  # a custom recipe: starting it from grpo's defaults would hide a misspelt name
+                missing = [f.name for f in fields(Recipe) if f.name not in given]
+                if missing:
+                    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                    raise ValueError(f"recipe {label!r} is not a registered recipe, so the file must give every "
+                                     f"recipe key (missing: {shown}); registered: {', '.join(RECIPES)}")
+                base = Recipe(name=label)
+        else:
+            raise _bad("recipe", section, "a recipe name or a mapping of recipe keys")
+        config = TrainConfig(recipe=base)
+        flat: dict[str, Any] = {}
+        _flatten(config, data, "", flat)
+        flat.update({f"recipe.{key}": value for key, value in given.items()})
+        return apply_overrides(config, flat, parse=False)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def _flatten(config: Any, data: Mapping[str, Any], prefix: str, flat: dict[str, Any]) -> None:
+    """Nested sections as dotted keys (`{"rollout": {"group_size": 4}}` -> `{"rollout.group_size": 4}`)."""
+    names = {f.name for f in fields(config)}
+    for key, value in data.items():
+        key = str(key)
+        current = getattr(config, key) if key in names else None
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            _flatten(current, value, f"{prefix}{key}.", flat)
+        else:
+            flat[f"{prefix}{key}"] = value

@@ -98,6 +98,8 @@ class LeanDecoder:
         self.head_dim, self.scaling = first.head_dim, first.scaling
         self.eps = body.norm.variance_epsilon
         self.embedding, self.final_norm = body.embed_tokens.weight, body.norm.weight
+        # HF's embedding never sends a lookup's gradient to the padding token's row; neither does this one
+        self.padding_idx = body.embed_tokens.padding_idx
         self.head = model.lm_head
         self.inv_freq = body.rotary_emb.inv_freq
         self.rope_scale = float(body.rotary_emb.attention_scaling)
@@ -157,7 +159,7 @@ class LeanDecoder:
 
         `mask` is a bool [B or 1, 1, L, L_past + L] (True = attend) or None for plain causal attention with no
         past; `cache` supplies the keys/values before this call's own (NoCache, PrefixCache or BufferCache)."""
-        h = F.embedding(ids, self.embedding)
+        h = F.embedding(ids, self.embedding, padding_idx=self.padding_idx)
         rope = self.rotary(positions, h.dtype)
         grad = torch.is_grad_enabled()
         for index in range(len(self.layers)):

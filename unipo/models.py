@@ -151,6 +151,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "sentencepiece.bpe.model", "tiktoken.model")
 
 
+def _is_tiny(name: str) -> bool:
+    return name == "tiny" or name.startswith("tiny:")
+
+
 def _looks_local(name: str) -> bool:
     """True when `name` must be a filesystem path, not a hub id (`org/name`): it exists, starts with `.`, `~` or
     `/`, has a backslash or more than one `/`, is `dir/name` whose `dir` exists here (`runs/ckpt`), or is a bare
@@ -261,7 +265,11 @@ def _load_adapter(path: str, dtype: torch.dtype):
         base = json.load(fh).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"LoRA checkpoint {path!r} does not name its base model (base_model_name_or_path)")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if _is_tiny(base):
+        model = build_tiny_model(base.partition(":")[2] or "tiny", dtype=dtype)[0]
+        model.name_or_path = base
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     tokenizer_source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
     return PeftModel.from_pretrained(model, path, is_trainable=True), load_tokenizer(tokenizer_source)
 
@@ -302,8 +310,9 @@ def load_model(
     """
     name = os.fspath(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
-    if name == "tiny" or name.startswith("tiny:"):
+    if _is_tiny(name):
         model, tokenizer = build_tiny_model(name.partition(":")[2] or "tiny", dtype=torch_dtype)
+        model.name_or_path = name  # built the same from its name (seeded): a LoRA adapter on it records it
     else:
         local = _looks_local(name)
         if local:
@@ -365,7 +374,7 @@ def model_config(name_or_path: str | os.PathLike[str]):
             if not base:
                 raise ModelSourceError(f"LoRA checkpoint {name!r} does not name its base model "
                                        f"(base_model_name_or_path)")
-            return AutoConfig.from_pretrained(base)
+            return model_config(base) if _is_tiny(base) else AutoConfig.from_pretrained(base)
         return AutoConfig.from_pretrained(name)
 
 
@@ -424,6 +433,11 @@ def _wrap_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
         raise ValueError(f"unknown LoRA option(s) {sorted(unknown)}; valid: {sorted(_LORA_KEYS)}")
     from peft import LoraConfig, get_peft_model  # optional dependency: imported only when asked for
 
+    # peft records the base as model.name_or_path: a folder as typed ("runs/sft/checkpoint-25") would only load
+    # from the directory it was typed in, so the adapter records it absolute
+    base = model.__dict__.get("name_or_path") or ""
+    if base and not _is_tiny(base) and os.path.isdir(os.path.expanduser(base)):
+        model.name_or_path = os.path.abspath(os.path.expanduser(base))
     config = LoraConfig(
         r=int(lora.get("r", 8)),
         lora_alpha=float(lora.get("alpha", 16)),
@@ -437,14 +451,17 @@ def _wrap_lora(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike[str]) -> None:
     """`save_pretrained` the model (safetensors; only the adapter for a peft model) and the tokenizer to `path`."""
     Path(path).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(os.fspath(path))
+    # a LoRA model: the adapter only (peft's vocabulary check would look a base that is not a folder up on the hub)
+    model.save_pretrained(os.fspath(path), **({"save_embedding_layers": False} if hasattr(model, "peft_config")
+                                              else {}))
     tokenizer.save_pretrained(os.fspath(path))
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
-    """`text` as one user turn through the tokenizer's chat template (generation prompt added), else raw."""
+    """`text` as one user turn through the tokenizer's chat template (generation prompt added), else raw. A prompt
+    that carries chat turns (`text.messages`: a conversational dataset column, `unipo.tasks.hf.Conversation`) is
+    templated as those turns."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        messages = getattr(text, "messages", None) or [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return text

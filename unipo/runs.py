@@ -9,6 +9,7 @@ Layout of a run folder:
     reference/             the frozen reference model, when the recipe uses one (with its manifest.json)
     latest                 the name of the newest checkpoint written (a hint for people; resume verifies)
     .lock                  held with flock by the process training in the folder (it holds its pid)
+    tb/, wandb/            TensorBoard events and W&B files, when the config's `log` names them (unipo.tracking)
 
 Nothing here is ever unpickled: the trainer's state is safetensors plus JSON. A checkpoint is written to a
 temporary `.checkpoint-<step>.*` folder, its manifest (each file's size and sha256) last, and renamed into place;
@@ -44,7 +45,7 @@ LOCK = ".lock"
 LOGS = ("metrics.jsonl", "eval.jsonl")
 # What a run folder may hold: --overwrite empties a folder only when every entry is one of these.
 _RUN_ENTRY = re.compile(r"config\.yaml|metrics\.jsonl|eval\.jsonl|latest|curves\.png|reference|checkpoint-\d+"
-                        r"|\.lock|\.checkpoint-.*|\.reference\..*|\..*\.tmp")
+                        r"|tb|wandb|\.lock|\.checkpoint-.*|\.reference\..*|\..*\.tmp")
 # Temporary entries an interrupted write leaves behind (removed when a run resumes, under the lock).
 _STALE = re.compile(r"\.checkpoint-.*|\.reference\..*|\..*\.tmp")
 
@@ -67,6 +68,9 @@ class RunFolder:
         self.path = Path(path)
         self.keep_checkpoints = keep_checkpoints
         self._lock_fd: int | None = None
+        self._trackers = None  # unipo.tracking.Trackers, opened by write_config or the first log record
+        self._tracking_open = False
+        self._resumed_at: int | None = None
 
     def _ensure_dir(self) -> None:
         if self.path.exists() and not self.path.is_dir():
@@ -103,9 +107,26 @@ class RunFolder:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
 
+    def in_use(self) -> bool:
+        """Whether a process holds the folder's lock (a run is training in it); never takes it."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # releases the shared lock if it was taken
+
     def __del__(self) -> None:
         try:
             self.unlock()
+            self.close_trackers()
         except Exception:  # interpreter shutdown
             pass
 
@@ -147,6 +168,24 @@ class RunFolder:
     def write_config(self, config: TrainConfig) -> None:
         self._ensure_dir()
         _atomic_write_text(self.path / "config.yaml", dump_yaml(config))
+        if not (self.path / "metrics.jsonl").exists():  # a new run: a tracker that cannot start fails it now
+            self._open_trackers(config)  # (a resumed one opens them at its first record, after truncate_after)
+
+    # -- trackers: metrics.jsonl and eval.jsonl records are mirrored to those the config's `log` names -----
+    def _open_trackers(self, config: TrainConfig | None) -> None:
+        if self._tracking_open:
+            return
+        self._tracking_open = True
+        if config is not None and set(config.log) - {"jsonl"}:
+            from unipo.tracking import Trackers
+
+            self._trackers = Trackers(self.path, config.log, to_dict(config), resume_step=self._resumed_at)
+
+    def close_trackers(self) -> None:
+        """Flush and close the trackers (W&B marks its run finished); a later record opens them again."""
+        trackers, self._trackers, self._tracking_open = self._trackers, None, False
+        if trackers is not None:
+            trackers.close()
 
     def read_config(self) -> TrainConfig:
         import yaml
@@ -182,6 +221,10 @@ class RunFolder:
         self._ensure_dir()
         with open(self.path / name, "a") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
+        if name in LOGS:
+            self._open_trackers(self.read_config() if self.is_run() else None)
+            if self._trackers is not None:
+                self._trackers.log(name, record)
 
     def read(self, name: str) -> list[dict[str, Any]]:
         """The records of a jsonl log. A last line without its newline is a write in progress (or cut short by a
@@ -218,6 +261,7 @@ class RunFolder:
 
     def truncate_after(self, name: str, step: int) -> None:
         """Drop records logged after `step` (a resumed run rewrites them)."""
+        self._resumed_at = step  # TensorBoard drops its events after `step` too (tracking.Trackers)
         if not (self.path / name).exists():
             return
         kept = [r for r in self.read(name) if r.get("step", 0) <= step]
@@ -237,12 +281,15 @@ class RunFolder:
         return stale
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
-        """Write checkpoint-<step> (replacing one of that step), point `latest` at it, prune older ones."""
+    def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any],
+                        weights: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint-<step> (replacing one of that step), point `latest` at it, prune older ones.
+        `weights`: the model's full state dict when `model` holds only a shard of it (FSDP)."""
         self._ensure_dir()
         final = self.path / f"{CHECKPOINT_PREFIX}{step}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.path))
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}),
+                              **_adapter_options(model))
         tokenizer.save_pretrained(tmp)
         save_trainer_state(tmp, state)
         write_manifest(tmp, step)
@@ -293,6 +340,12 @@ class RunFolder:
         doomed += kept[: -self.keep_checkpoints]
         for path in doomed:
             _remove(path)
+
+
+def _adapter_options(model) -> dict[str, Any]:
+    """A LoRA model saves its adapter only: unipo never resizes the vocabulary, and peft's check whether it did
+    looks the base model up on the hub when the base is not a folder (the embedded "tiny")."""
+    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
 
 
 # -- the trainer's state: safetensors for tensors, JSON for everything else -------------------------------

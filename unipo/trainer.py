@@ -19,6 +19,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +27,11 @@ import torch
 from unipo.collect import RolloutBatch, RolloutCollector
 from unipo.config import TrainConfig
 from unipo.core.advantages import compute_advantages
+from unipo.core.correction import rollout_correction
 from unipo.core.selection import compute_selection
 from unipo.critics import BASELINES, ValueHead
+from unipo.distributed import Parallel, from_environment, gather_batch
+from unipo.engine import build_engine, logprob_mismatch
 from unipo.mixing import MIXERS
 from unipo.models import load_model, pick_device
 from unipo.rollout import policy_logprobs
@@ -52,7 +56,9 @@ class Trainer:
         self.inputs_needed = recipe_inputs(self.recipe)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        self.device = pick_device(config.device)
+        # torchrun's processes: each a rank of one data-parallel run (unipo.distributed); else one process.
+        self.parallel: Parallel = from_environment(config.parallel)
+        self.device = self.parallel.device(pick_device(config.device))
         if model is None:
             model, tokenizer = load_model(config.model, device=self.device, dtype=config.model_dtype,
                                           lora=config.lora)
@@ -68,30 +74,41 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.task = get_task(config.task)
         self.max_new_tokens = config.rollout.max_new_tokens or self.task.max_new_tokens
-        self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None
+        self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None  # a replica per rank
         self.value_head = (ValueHead(model.config.hidden_size).to(self.device)
                            if self.recipe.value_coef > 0 else None)
+        # The training forward: DDP around it, or FSDP2 shards the model in place (after the reference copy).
+        self.forward_module = self.parallel.wrap(self.model, self.device)
         self.tracker = (BASELINES.get(self.recipe.baseline)(**self.recipe.baseline_params)
                         if self.recipe.baseline != "none" else None)
         params = [p for p in self.trainable_modules_parameters()]
-        # fused: one kernel for all parameters (the same update, ~6x faster than the per-tensor loop on a CPU)
+        # fused: one kernel for all parameters (the same update, ~6x faster than the per-tensor loop on a CPU);
+        # FSDP's sharded parameters take the foreach path.
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay,
-                                           fused=self.device.type in ("cpu", "cuda"))
+                                           fused=self.device.type in ("cpu", "cuda") and not self.parallel.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.engine = build_engine(config, self.model, tokenizer, self.device)  # who samples (unipo.engine)
+        self._engine_synced = self.scheduler.last_epoch  # the engine holds the weights of this many updates
         self.collector = RolloutCollector(self.model, tokenizer, self.task, self.recipe, config.rollout,
                                           max_new_tokens=self.max_new_tokens, device=self.device,
-                                          generator=self.generator)
+                                          generator=self.generator,
+                                          shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine)
         self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
                                    optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
-                                   value_head=self.value_head, max_len=self.max_new_tokens)
-        self.run = run
+                                   value_head=self.value_head, max_len=self.max_new_tokens,
+                                   parallel=self.parallel, forward_module=self.forward_module)
+        # Every rank of a multi-process run knows the run folder (it takes part in checkpoints: FSDP gathers the
+        # weights), and rank 0 alone writes to it.
+        self.checkpointing = run is not None
+        self.run = run if self.parallel.is_main else None
         self.step = 0
         self.bad_steps = 0
         self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.history: list[dict[str, float]] = []
         self._batch: RolloutBatch | None = None  # the batch being trained on (read by `_policy_forward`)
+        self._origin: torch.Tensor | None = None  # the rank that holds each of its rows
 
     # -- set-up ----------------------------------------------------------------------------
     def trainable_modules_parameters(self):
@@ -126,14 +143,18 @@ class Trainer:
     def train_step(self) -> StepResult:
         started = time.perf_counter()
         self.model.eval()
-        with self.autocast():
+        with self.autocast(), self.parallel.full_weights(self.model):
+            if self.scheduler.last_epoch != self._engine_synced:  # the policy learned since the engine's last push
+                self.engine.sync(self.model)
+                self._engine_synced = self.scheduler.last_epoch
             batch, rollout_stats = self.collector.collect(seed=self.config.seed, step=self.step)
+        batch, origin = gather_batch(batch, self.parallel)  # every rank: the global batch (unipo.distributed)
         generated = time.perf_counter()
         if len(batch) == 0:
             self.step += 1
             return StepResult({"step": self.step, **rollout_stats, "skipped": 1.0}, skipped=True)
 
-        update_metrics, finite = self.learn(batch)
+        update_metrics, finite = self.learn(batch, origin=origin)
         done = time.perf_counter()
 
         self.step += 1
@@ -165,25 +186,32 @@ class Trainer:
             self.bad_steps = 0
         return StepResult(metrics, skipped=not finite)
 
-    def learn(self, batch: RolloutBatch, *, old_logp: torch.Tensor | None = None) -> tuple[dict[str, Any], bool]:
+    def learn(self, batch: RolloutBatch, *, old_logp: torch.Tensor | None = None,
+              origin: torch.Tensor | None = None) -> tuple[dict[str, Any], bool]:
         """Everything after collection for one batch: batch inputs -> advantages -> mixer -> selection ->
         the update (epochs x mini-batches of optimizer steps) -> SPO's tracker. Returns (metrics, finite).
-        `old_logp` replaces pi_old's log-probs (for parity checks against other trainers)."""
+        `old_logp` replaces pi_old's log-probs (for parity checks against other trainers). In a multi-process
+        run `batch` is the global batch and `origin[i]` the rank that holds row i (its forwards run there)."""
         self.model.train()
         self._batch = batch
+        self._origin = origin if origin is not None else torch.zeros(len(batch), dtype=torch.long,
+                                                                     device=batch.rewards.device)
         try:
             inputs, behaviour_logp, input_stats = self._provider(batch)
             advantages = self._advantages(batch, inputs)
             rl_weight, sft_weight, mix_metrics = self._mix(batch)
             selection = self._selection(batch, advantages, inputs)
+            correction, correction_stats = self._rollout_correction(batch, behaviour_logp)
+            input_stats = {**input_stats, **correction_stats}
             if old_logp is None and self.recipe.updates_per_batch > 1:
                 old_logp = behaviour_logp  # else one update: pi_old is the current policy, the ratio exactly 1
             plan = self.update.plan(batch, selection, rl_weight, sft_weight, old_logp,
-                                    self._reference_logp if self.reference is not None else None)
+                                    self._reference_logp if self.reference is not None else None,
+                                    correction=correction)
             shuffle = torch.Generator().manual_seed(_mix_seed(self.config.seed, self.step))
-            update_metrics, finite = self.update(batch, plan, advantages, inputs, shuffle)
+            update_metrics, finite = self.update(batch, plan, advantages, inputs, shuffle, self._origin)
         finally:
-            self._batch = None
+            self._batch, self._origin = None, None
         with warnings.catch_warnings():  # the schedule counts generation steps, stepped or skipped
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -201,7 +229,7 @@ class Trainer:
         differently from the full forward)."""
         full_precision = (not self.config.bf16 and self.config.model_dtype == "float32"
                           and all(p.dtype == torch.float32 for p in self.model.parameters()))
-        return self.config.rollout.top_p >= 1.0 and full_precision
+        return self.config.rollout.top_p >= 1.0 and full_precision and self.engine.logp_exact
 
     def _provider(self, batch: RolloutBatch) -> tuple[dict[str, Any], torch.Tensor | None, dict[str, float]]:
         """The batch inputs the recipe's slots declared, pi_old's log-probs when the update needs them
@@ -210,9 +238,15 @@ class Trainer:
         pi_old's log-probs come from the sampler for sampled rows when they are exact (see
         `_sampler_logp_exact`), else from a no-grad pass under the loss's autocast; expert rows (never
         sampled) always take the pass. A pass that runs anyway (for entropy or values) serves every row.
+
+        With an engine whose log-probs are not the trainer's (vLLM), the pass always runs: its log-probs are
+        pi_old, their distance to the engine's is logged (`rollout/logprob_diff_max`, `_mean`), and the rollout
+        correction (`rollout.correction`, unipo.core.correction) weighs each token by their ratio.
         """
         needed = self.inputs_needed
-        needs_old = self.recipe.updates_per_batch > 1 or bool(needed & {"logp", "expert_logp"})
+        measure = not self.engine.logp_exact
+        needs_old = (self.recipe.updates_per_batch > 1 or bool(needed & {"logp", "expert_logp"}) or measure
+                     or self.config.rollout.correction != "none")
         need_entropy, need_values = "entropy" in needed, self.value_head is not None
         sampled = ~batch.off_policy
         full_pass = need_entropy or need_values or (needs_old and not self._sampler_logp_exact())
@@ -252,23 +286,56 @@ class Trainer:
         if need_values:
             inputs["values"] = behaviour["values"]
         stats = {"rollout/old_logp_from_sampler": from_sampler} if needs_old else {}
+        if measure:
+            on_policy_tokens = batch.completion_mask * sampled[:, None]
+            stats.update(logprob_mismatch(batch.sampling_logp, old_logp, on_policy_tokens))
         return inputs, old_logp, stats
+
+    def _rollout_correction(self, batch: RolloutBatch, old_logp: torch.Tensor | None
+                            ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Per-token importance weights pi_old / pi_sampler of the sampled rows (`rollout.correction`), or None."""
+        r = self.config.rollout
+        if r.correction == "none":
+            return None, {}
+        on_policy_tokens = batch.completion_mask * (~batch.off_policy)[:, None]
+        return rollout_correction(old_logp, batch.sampling_logp, on_policy_tokens, r.correction,
+                                  r.correction_max, r.correction_min)
 
     @torch.no_grad()
     def _behaviour_pass(self, batch: RolloutBatch, rows: torch.Tensor, *, need_entropy: bool,
                         need_values: bool) -> dict[str, torch.Tensor]:
-        """pi_old's log-probs (and entropy, values) of `rows`, under the same autocast as the loss's forward."""
+        """pi_old's log-probs (and entropy, values) of `rows`, under the same autocast as the loss's forward.
+        Each rank runs its own rows (FSDP: the same number of forwards on every rank), and the per-row results
+        are summed into the global batch."""
         parts: list[dict[str, torch.Tensor]] = []
-        for chunk in rows.split(self.config.optim.micro_batch_size):
+        done: list[torch.Tensor] = []
+        chunks = self.parallel.micro_batches(rows, self._origin, self.config.optim.micro_batch_size,
+                                             equal_counts=self.parallel.fsdp)
+        for chunk, real in chunks:
             with self.autocast():
                 out = self._forward(self.model, batch, chunk, need_entropy=need_entropy, need_hidden=need_values)
+            if not real:
+                continue
             part = {"logp": out.logp.float()}
             if need_entropy:
                 part["entropy"] = out.entropy.float()
             if need_values:
                 part["values"] = self.value_head(out.hidden) * batch.completion_mask[chunk]
             parts.append(part)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            done.append(chunk)
+        keys = ["logp"] + ["entropy"] * need_entropy + ["values"] * need_values
+        return self._of_all_ranks(parts, done, rows, batch, keys)
+
+    def _of_all_ranks(self, parts: list[dict[str, torch.Tensor]], done: list[torch.Tensor], rows: torch.Tensor,
+                      batch: RolloutBatch, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The [len(rows), T] values of `rows`, in their order, from the parts each rank computed for its own
+        rows (`done`, the rows of each part)."""
+        if not self.parallel.active:
+            return {k: torch.cat([p[k] for p in parts]) for k in keys}
+        local = torch.cat(done) if done else rows[:0]
+        empty = torch.zeros((0, batch.completion_ids.shape[1]), device=self.device)
+        return {k: self.parallel.fill_rows(torch.cat([p[k] for p in parts]) if parts else empty, local,
+                                           len(batch))[rows] for k in keys}
 
     # -- slots -----------------------------------------------------------------------------
     def _advantages(self, batch: RolloutBatch, inputs: dict[str, Any]) -> torch.Tensor:
@@ -298,18 +365,26 @@ class Trainer:
                                return_hidden=need_hidden)
 
     def _policy_forward(self, rows: torch.Tensor, *, need_entropy: bool, need_hidden: bool):
-        """The training forward of `rows` of the current batch (gradients flow), under autocast."""
+        """The training forward of `rows` of the current batch (gradients flow), under autocast, through the
+        data-parallel module (`unipo.distributed.PolicyForward`, wrapped by DDP or over FSDP's shards)."""
+        batch = self._batch
         with self.autocast():
-            return self._forward(self.model, self._batch, rows, need_entropy=need_entropy, need_hidden=need_hidden)
+            return self.forward_module(batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
+                                       batch.completion_mask[rows], temperature=self.config.rollout.temperature,
+                                       need_entropy=need_entropy, return_hidden=need_hidden)
 
     @torch.no_grad()
     def _reference_logp(self) -> torch.Tensor:
+        """The reference's log-probs of the batch (each rank its own rows; the reference is a plain replica)."""
         batch = self._batch
-        parts = []
-        for rows in torch.arange(len(batch), device=self.device).split(self.config.optim.micro_batch_size):
+        parts, done = [], []
+        every_row = torch.arange(len(batch), device=self.device)
+        for rows, _ in self.parallel.micro_batches(every_row, self._origin, self.config.optim.micro_batch_size,
+                                                   equal_counts=False):
             with self.autocast():
-                parts.append(self._forward(self.reference, batch, rows, need_entropy=False).logp.float())
-        return torch.cat(parts)
+                parts.append({"logp": self._forward(self.reference, batch, rows, need_entropy=False).logp.float()})
+            done.append(rows)
+        return self._of_all_ranks(parts, done, every_row, batch, ["logp"])["logp"]
 
     # -- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
@@ -323,7 +398,7 @@ class Trainer:
         if self.run:
             self.run.lock()  # held since start_run/resume_run; taken here for a trainer built another way
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.recipe.name} on {cfg.task}",
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
+                   disable=not (self.progress and self.parallel.is_main), dynamic_ncols=True, leave=False)
         try:
             while self.step < cfg.steps:
                 result = self.train_step()
@@ -341,9 +416,9 @@ class Trainer:
                     continue  # never checkpoint or evaluate a state that just failed
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.evaluate()
-                if self.run and cfg.save_every and self.step % cfg.save_every == 0:
+                if self.checkpointing and cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-            if self.run and self.saved_step != self.step:
+            if self.checkpointing and self.saved_step != self.step:
                 self.save()
         finally:
             bar.close()
@@ -354,9 +429,13 @@ class Trainer:
     def evaluate(self, n: int | None = None, ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
         from unipo.evaluation import evaluate_model
 
-        result = evaluate_model(self.model, self.tokenizer, self.task, n=n or self.config.eval_problems,
-                                ks=ks, seed=self.config.seed, max_new_tokens=self.max_new_tokens,
-                                temperature=self.config.rollout.temperature)
+        result = None
+        with self.parallel.full_weights(self.model):  # rank 0 evaluates; the others wait for its numbers
+            if self.parallel.is_main:
+                result = evaluate_model(self.model, self.tokenizer, self.task, n=n or self.config.eval_problems,
+                                        ks=ks, seed=self.config.seed, max_new_tokens=self.max_new_tokens,
+                                        temperature=self.config.rollout.temperature)
+            result = self.parallel.broadcast_object(result)
         record = {"step": self.step, **result}
         if self.run:
             self.run.append("eval.jsonl", record)
@@ -365,11 +444,12 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs besides the weights: tensors (optimizer moments, RNG states as uint8, the value
-        head) and plain values (steps, scheduler, Python RNG, SPO's tracker), saved by `unipo.runs` without pickle."""
+        head) and plain values (steps, scheduler, Python RNG, SPO's tracker), saved by `unipo.runs` without pickle.
+        The optimizer state is always in the one-process layout (FSDP gathers it: every rank calls this)."""
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.parallel.full_optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -379,17 +459,21 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """checkpoint-<step> in the run folder (and the reference model, once): safetensors and JSON, no pickle."""
-        assert self.run is not None
-        if self.reference is not None:
-            self.run.save_reference(self.reference, self.tokenizer)
-        self.run.save_checkpoint(self.step, self.model, self.tokenizer, self.state_dict())
+        """checkpoint-<step> in the run folder (and the reference model, once): safetensors and JSON, no pickle.
+        Every rank calls it (FSDP gathers the shards); rank 0 writes."""
+        assert self.checkpointing
+        weights, state = self.parallel.full_model_state(self.model), self.state_dict()
+        if self.run is not None:
+            if self.reference is not None:
+                self.run.save_reference(self.reference, self.tokenizer)
+            self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, weights=weights)
+        self.parallel.barrier()  # nobody runs ahead of a checkpoint that may yet fail
         self.saved_step = self.step
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output (as `unipo.runs.load_trainer_state` reads it back)."""
         self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -423,17 +507,21 @@ def start_run(config: TrainConfig, *, progress: bool = True, overwrite: bool = F
     """A trainer for a new run, writing into `config.out` (if set).
 
     The folder is locked for the run's life (until `fit` ends), and must hold nothing: a folder with files in it
-    is refused (RunFolderError) unless `overwrite`, which empties it first (only a unipo run folder's files)."""
+    is refused (RunFolderError) unless `overwrite`, which empties it first (only a unipo run folder's files).
+    Under torchrun, rank 0 claims the folder and the other ranks follow (or stop, if it could not)."""
     if not config.out:
         return Trainer(config, progress=progress)
+    parallel = from_environment(config.parallel)
     run = RunFolder(config.out)
-    created = run.claim_new(overwrite=overwrite)
+    created = parallel.main_first(lambda: run.claim_new(overwrite=overwrite))
     try:
         trainer = Trainer(config, run=run, progress=progress)
     except BaseException:
-        run.release_new(created)
+        if parallel.is_main:
+            run.release_new(created)
         raise
-    run.write_config(config)
+    if parallel.is_main:
+        run.write_config(config)
     return trainer
 
 
@@ -445,57 +533,73 @@ def resume_run(out: str, *, steps: int | None = None, progress: bool = True,
     where it is). `steps` is the total to reach. `given` (recipe name, task, model, seed) and `overrides`
     (key=value) must equal the saved config, else RunFolderError names each difference. Before loading, stale
     temporary files are removed and a partial last line of the jsonl logs cut (each with a warning); a checkpoint
-    whose manifest does not verify is skipped with a warning naming it and why."""
+    whose manifest does not verify is skipped with a warning naming it and why. Checkpoints are full, so a run
+    resumes at any number of processes (rank 0 checks and repairs the folder; every rank loads)."""
     import dataclasses
 
-    from unipo.config import apply_overrides
+    from unipo.config import apply_overrides, from_dict, to_dict
     from unipo.runs import RunFolderError, load_trainer_state, settings_differences, verify, warn
 
+    parallel = from_environment("ddp")  # the process group; the saved config's mode applies in the Trainer
     run = RunFolder(out)
-    if not run.is_run():
-        raise RunFolderError(f"{out} is not a run folder (no config.yaml)")
-    run.lock()
+
+    def prepare() -> tuple[TrainConfig, str]:
+        if not run.is_run():
+            raise RunFolderError(f"{out} is not a run folder (no config.yaml)")
+        run.lock()
+        try:
+            saved = run.read_config()
+            config = dataclasses.replace(saved, out=str(out))
+            differences = settings_differences(config, given or {}, dict(overrides or {}))
+            if differences:
+                raise RunFolderError(f"--resume continues {out} with its saved settings, and these differ: "
+                                     f"{'; '.join(differences)} (drop them, or start a new run in another folder)")
+            if "steps" in (overrides or {}):
+                config = apply_overrides(config, {"steps": overrides["steps"]})
+            if steps is not None:
+                config = dataclasses.replace(config, steps=steps)
+            run.remove_stale()
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                run.repair_log(name)
+            skipped: list[str] = []
+            checkpoint = run.latest_checkpoint(skipped)
+            for line in skipped:
+                warn(f"{out}: {line}")
+            if checkpoint is None:
+                why = "every checkpoint failed verification" if skipped else "a run writes its first checkpoint " \
+                    f"at step {config.save_every or config.steps} (save_every)"
+                raise RunFolderError(f"no intact checkpoint to resume from in {out} ({why}); start it again with "
+                                     f"--overwrite")
+            if config.recipe.needs_reference:
+                problem = verify(run.path / "reference")
+                if problem is not None:
+                    raise RunFolderError(f"{run.path / 'reference'}: {problem}; the run cannot resume without its "
+                                         f"reference model")
+            if config != saved:
+                run.write_config(config)
+        except BaseException:
+            run.unlock()
+            raise
+        return config, str(checkpoint)
+
+    prepared = parallel.main_first(prepare)
+    # the other ranks get rank 0's checked settings as plain data (the config holds read-only mappings)
+    plain, checkpoint = parallel.broadcast_object(None if prepared is None else (to_dict(prepared[0]), prepared[1]))
+    config = from_dict(TrainConfig, plain)
     try:
-        saved = run.read_config()
-        config = dataclasses.replace(saved, out=str(out))
-        overrides = dict(overrides or {})
-        differences = settings_differences(config, given or {}, overrides)
-        if differences:
-            raise RunFolderError(f"--resume continues {out} with its saved settings, and these differ: "
-                                 f"{'; '.join(differences)} (drop them, or start a new run in another folder)")
-        if "steps" in overrides:
-            config = apply_overrides(config, {"steps": overrides["steps"]})
-        if steps is not None:
-            config = dataclasses.replace(config, steps=steps)
-        run.remove_stale()
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            run.repair_log(name)
-        skipped: list[str] = []
-        checkpoint = run.latest_checkpoint(skipped)
-        for line in skipped:
-            warn(f"{out}: {line}")
-        if checkpoint is None:
-            why = "every checkpoint failed verification" if skipped else "a run writes its first checkpoint at " \
-                f"step {config.save_every or config.steps} (save_every)"
-            raise RunFolderError(f"no intact checkpoint to resume from in {out} ({why}); start it again with "
-                                 f"--overwrite")
-        if config != saved:
-            run.write_config(config)
-        device = pick_device(config.device)
-        model, tokenizer = load_model(str(checkpoint), device=device, dtype=config.model_dtype)
+        device = parallel.device(pick_device(config.device))
+        model, tokenizer = load_model(checkpoint, device=device, dtype=config.model_dtype)
         trainer = Trainer(config, model=model, tokenizer=tokenizer, run=run, progress=progress)
         if trainer.reference is not None:
-            problem = verify(run.path / "reference")
-            if problem is not None:
-                raise RunFolderError(f"{run.path / 'reference'}: {problem}; the run cannot resume without its "
-                                     f"reference model")
             trainer.reference = trainer._frozen_copy(
                 load_model(str(run.path / "reference"), device=device, dtype=config.model_dtype)[0])
-        trainer.load_state(load_trainer_state(checkpoint))
+        trainer.load_state(load_trainer_state(Path(checkpoint)))
         trainer.saved_step = trainer.step
-        run.truncate_after("metrics.jsonl", trainer.step)
-        run.truncate_after("eval.jsonl", trainer.step)
+        if parallel.is_main:
+            run.truncate_after("metrics.jsonl", trainer.step)
+            run.truncate_after("eval.jsonl", trainer.step)
     except BaseException:
-        run.unlock()
+        if parallel.is_main:
+            run.unlock()
         raise
     return trainer

@@ -13,6 +13,10 @@ is the current log-prob, detached.
 Each mini-batch is normalised on its own (its token count, its sequence count, its rows x T_max),
 as verl and TRL do, and gradient accumulation inside it stays exact: every micro-batch divides by
 the mini-batch's denominator, so the micro-batch gradients sum to the mini-batch's gradient.
+
+In a multi-process run (`unipo.distributed`) the batch and its mini-batches are global: every rank
+computes the same denominators from the whole mini-batch, runs forwards and backwards on its own rows
+only, and the ranks' gradients add up to the one-process gradient of that mini-batch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from unipo.core.advantages import gae_returns
 from unipo.core.hybrid import chord_phi_weights
 from unipo.core.kl import kl_estimate
 from unipo.core.losses import aggregate, aggregation_denominator, compute_policy_loss, value_loss
+from unipo.distributed import Parallel
 from unipo.slots import SlotChoice
 
 
@@ -73,17 +78,25 @@ class PolicyUpdate:
     """Runs the update of one batch for a trainer: `PolicyUpdate(...)(batch, advantages, ...)`."""
 
     def __init__(self, config: TrainConfig, *, forward: Callable, parameters: Callable, optimizer,
-                 loss: SlotChoice, value_head, max_len: int) -> None:
+                 loss: SlotChoice, value_head, max_len: int, parallel: Parallel | None = None,
+                 forward_module=None) -> None:
         self.config, self.recipe = config, config.recipe
         self.forward, self.parameters, self.optimizer = forward, parameters, optimizer
         self.loss, self.value_head, self.max_len = loss, value_head, max_len
+        self.parallel = parallel or Parallel()
+        self.forward_module = forward_module  # DDP's wrapper (its no_sync) in a multi-process run
 
     def plan(self, batch, selection: torch.Tensor, rl_weight: torch.Tensor, sft_weight: torch.Tensor,
-             old_logp: torch.Tensor | None, reference_logp: Callable[[], torch.Tensor] | None) -> LossPlan:
+             old_logp: torch.Tensor | None, reference_logp: Callable[[], torch.Tensor] | None, *,
+             correction: torch.Tensor | None = None) -> LossPlan:
+        """`correction`: the rollout correction's per-token weights (a token it zeroes still counts in the
+        normalisers, as in TRL's masked importance sampling)."""
         mask = batch.completion_mask.float()
         rl_tokens = selection * rl_weight[:, None]
         sft_tokens = mask * sft_weight[:, None]
         rl_mask, sft_mask = mask * (rl_tokens > 0), mask * (sft_tokens > 0)
+        if correction is not None:
+            rl_tokens = rl_tokens * correction
         has_rl, has_sft = bool(rl_mask.any()), bool(sft_mask.any())
         learns = has_rl or has_sft or self.value_head is not None
         return LossPlan(mask=mask, rl_tokens=rl_tokens, sft_tokens=sft_tokens, rl_mask=rl_mask, sft_mask=sft_mask,
@@ -92,40 +105,52 @@ class PolicyUpdate:
                         ref_logp=reference_logp() if reference_logp is not None and learns else None)
 
     def __call__(self, batch, plan: LossPlan, advantages: torch.Tensor, inputs: dict[str, Any],
-                 generator: torch.Generator | None) -> tuple[dict[str, Any], bool]:
-        """All updates of one batch; returns (metrics averaged over the updates, every update finite)."""
+                 generator: torch.Generator | None, origin: torch.Tensor | None = None) -> tuple[dict[str, Any], bool]:
+        """All updates of one batch; returns (metrics averaged over the updates, every update finite).
+        `origin[i]` is the rank holding row i (all zeros in one process)."""
         if not plan.learns:
             # Selection or gating left no token to learn from: no update, and say so.
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0,
                     "actor/updates": 0.0, "actor/skipped_updates": float(self.recipe.updates_per_batch)}, True
-        r, micro = self.recipe, self.config.optim.micro_batch_size
+        r, micro, parallel = self.recipe, self.config.optim.micro_batch_size, self.parallel
+        if origin is None:
+            origin = torch.zeros(len(batch), dtype=torch.long, device=plan.mask.device)
         totals: dict[str, torch.Tensor] = {}
         maxima: dict[str, torch.Tensor] = {}
         finite, updates, skipped, attempted = True, 0, 0, 0
-        grad_norms = []
+        grad_norms, losses = [], []
         for _ in range(r.epochs):
             for rows in mini_batch_rows(len(batch), r.mini_batches, generator):
-                denominators = plan.denominators(rows, r.aggregation, self.max_len)
+                denominators = plan.denominators(rows, r.aggregation, self.max_len)  # the whole mini-batch's
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = plan.mask.new_zeros(())
-                for micro_rows in rows.split(micro):
-                    loss, metrics = self.micro_batch_loss(batch, micro_rows, plan, denominators, advantages, inputs)
-                    loss.backward()
-                    loss_total = loss_total + loss.detach()  # already normalised by the mini-batch
-                    share = len(micro_rows) / len(rows)
+                chunks = parallel.micro_batches(rows, origin, micro)
+                for i, (micro_rows, real) in enumerate(chunks):
+                    with parallel.sync_gradients(self.forward_module, last=i == len(chunks) - 1):
+                        loss, metrics = self.micro_batch_loss(batch, micro_rows, plan, denominators, advantages,
+                                                              inputs)
+                        (loss * (parallel.loss_scale if real else 0.0)).backward()
+                    # a padding chunk (another rank's row, run so that the collectives match) counts 0
+                    share = len(micro_rows) / len(rows) if real else 0.0
+                    if real:
+                        loss_total = loss_total + loss.detach()  # already normalised by the whole mini-batch
                     for k, v in metrics.items():
                         if k.endswith("_max"):  # a maximum over the update, not a mean
                             maxima[k] = torch.maximum(maxima[k], v.detach()) if k in maxima else v.detach()
                         else:
                             totals[k] = totals.get(k, 0.0) + share * v.detach()
-                totals["loss"] = totals.get("loss", 0.0) + loss_total
+                parallel.average_gradients([p for p in self.value_head.parameters()] if self.value_head else [])
+                loss_total = parallel.all_reduce_(loss_total)  # each rank's share of the mini-batch's loss
+                losses.append(loss_total)
                 grad_norm, outcome = self.optimizer_step(loss_total)
                 grad_norms.append(grad_norm)
                 finite = finite and outcome != "non_finite"
                 updates += outcome == "stepped"
                 skipped += outcome == "no_signal"
                 attempted += 1
-        totals = {**{k: v / attempted for k, v in totals.items()}, **maxima}
+        totals = {k: parallel.all_reduce_(torch.as_tensor(totals[k]).clone()) / attempted for k in sorted(totals)}
+        maxima = {k: parallel.all_reduce_(maxima[k].clone(), "max") for k in sorted(maxima)}
+        totals = {**totals, "loss": torch.stack(losses).mean(), **maxima}
         metrics = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v for k, v in totals.items()}
         metrics.setdefault("kl", 0.0)
         metrics.setdefault("clip_frac", 0.0)
@@ -188,6 +213,8 @@ class PolicyUpdate:
         decay would otherwise still move every weight)."""
         parameters = list(self.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm, "non_finite"

@@ -303,18 +303,28 @@ def get_task(spec: str, **params: object) -> Task:
     Forms: `"addition"`, `"addition:digits=3"` (comma-separated key=value; ints, floats and
     true/false are parsed, anything else stays a string), `"rg:<dataset>"` or
     `"rg:<dataset>:key=value,..."` (a reasoning-gym dataset and its config), `"jsonl:<path>"`,
-    and a bare path ending in `.jsonl`. Unknown names and parameters raise ValueError.
+    a bare path ending in `.jsonl`, `"hf:<path or hub id>[:key=value,...]"` (a `datasets` dataset; the
+    parameters follow the last colon) and a bare path ending in `.parquet` or `.arrow`. Unknown names and
+    parameters raise ValueError.
     """
     spec = spec.strip()
-    if spec.endswith(".jsonl") and not spec.startswith("jsonl:"):
+    if spec.endswith(".jsonl") and not spec.startswith(("jsonl:", "hf:")):
         spec = f"jsonl:{spec}"
+    if spec.endswith((".parquet", ".arrow")) and not spec.startswith("hf:"):
+        spec = f"hf:{spec}"
     name, _, rest = spec.partition(":")
     try:
         factory = TASKS.get(name)
     except ValueError as error:
-        raise ValueError(f"{error} (also: rg:<dataset>, jsonl:<path>, or a path ending in .jsonl)") from None
+        raise ValueError(f"{error} (also: rg:<dataset>, jsonl:<path>, hf:<dataset>, or a path ending in .jsonl "
+                         f"or .parquet)") from None
     if name == "jsonl":
         spec_params: dict[str, object] = {"path": rest}  # a path may contain ':' or ','
+    elif name == "hf":  # hf:<source>[:k=v,...]; a source may contain ':' (the parameters hold an '=')
+        source, _, param_text = rest.rpartition(":")
+        if not source or "=" not in param_text:
+            source, param_text = rest, ""
+        spec_params = {"source": source, **parse_params(param_text)}
     elif name in _ARGUMENT_KEY:
         argument, _, param_text = rest.partition(":")
         spec_params = {_ARGUMENT_KEY[name]: argument, **parse_params(param_text)}

@@ -1,0 +1,3 @@
+from unipo.cli import main
+
+main()
