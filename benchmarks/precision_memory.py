@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,28 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_info  # benchmarks/machine.py (this script's folder is on sys.path)
+
 SETTINGS = {
     "fp32": {},
     "fp32 + checkpointing": {"gradient_checkpointing": True},
     "bf16 autocast": {"bf16": True},
     "model_dtype=bfloat16": {"model_dtype": "bfloat16"},
 }
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "avx512f": "avx512f" in flags}
 
 
 def _rss_kib() -> int:

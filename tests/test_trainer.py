@@ -71,8 +71,12 @@ RANDOM_MODEL_OVERRIDES = {"gtpo": {"selection_params": {"gtpo": {"entropy_thresh
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_every_recipe_trains_a_few_steps(recipe):
+def test_every_recipe_trains_a_few_steps(recipe, tmp_path):
     config = small_config(recipe, steps=3)
+    if config.recipe.data == "pairs":  # offline preference recipes train on given pairs (--data)
+        (tmp_path / "pairs.jsonl").write_text("".join(f'{{"prompt": "{i}?", "chosen": "0", "rejected": "1 {i}"}}\n'
+                                                      for i in range(4)))
+        config = dataclasses.replace(config, pairs=str(tmp_path / "pairs.jsonl"))
     config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe,
                                                                     **RANDOM_MODEL_OVERRIDES.get(recipe, {})))
     trainer = Trainer(config, progress=False)

@@ -3,6 +3,7 @@
     unipo demo                                   the main job: SFT warm start, then hybrid RL
     unipo train --recipe R --task T [key=value]  train with any recipe
     unipo train --config run.yaml [key=value]    train from a config file (unipo recipes show R --yaml)
+    unipo train --recipe dpo --data pairs.jsonl  preference pairs (online_dpo, spin, sppo make their own)
     unipo sft --task T                           supervised fine-tuning on demonstrations
     unipo eval --model DIR --task T --k 1,4,16   accuracy and unbiased pass@k
     unipo plot RUN [RUN ...]                     learning curves as PNGs (one per run, one overlay)
@@ -89,6 +90,17 @@ def preflight(config) -> None:
 
     check_installed(config.log)
     check_engine(config)  # rollout.engine=vllm without vLLM installed: say how to install it, load nothing
+    pairs = None
+    if config.recipe.data == "pairs":  # offline preference pairs: every row checked now (unipo.pairs)
+        if not config.pairs:
+            raise ValueError(f"recipe {config.recipe.name} trains on preference pairs: give them with --data FILE")
+        from unipo.pairs import load_pairs
+
+        pairs = load_pairs(config.pairs)
+    if config.rollout.reward:  # each module imports and has the function (unipo.rewards)
+        from unipo.rewards import check_reward_functions
+
+        check_reward_functions(config.rollout.reward)
     task = get_task(config.task)
     finite = list(getattr(task, "problems", None) or [])  # a JSONL file: check every problem
     problems = []
@@ -106,6 +118,12 @@ def preflight(config) -> None:
     if config.recipe.uses_expert:
         rows = [n + tokens(p.demonstration or p.answer) + 1 for n, p in zip(prompts, problems)]
         check_prompt_lengths(rows, 0, context, what="prompt + demonstration row")
+    if pairs is not None:  # every pair's prompt + longer answer, encoded as the trainer encodes them
+        from unipo.pairs import encode_answer, encode_prompt
+
+        rows = [len(encode_prompt(tokenizer, p.prompt)) + max(len(encode_answer(tokenizer, p.prompt, a))
+                                                              for a in (p.chosen, p.rejected)) for p in pairs]
+        check_prompt_lengths(rows, 0, context, what="preference pair")  # prompt + its longer answer
     if config.out:
         _check_writable(config.out)
 
@@ -137,7 +155,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out: Optional[str],
-                 overrides: list[str]):
+                 overrides: list[str], pairs: Optional[str] = None):
     from unipo.config import TrainConfig, apply_overrides
     from unipo.recipes import get_recipe
 
@@ -145,6 +163,8 @@ def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out:
     config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
                          out=out or default_out(recipe, task))
     config = apply_overrides(config, parse_overrides(overrides))
+    if pairs is not None:  # --data: the preference pairs (recipe.data=pairs)
+        config = apply_overrides(config, {"pairs": pairs}, parse=False)
     preflight(config)
     return config
 
@@ -172,6 +192,8 @@ def config_from_file(ctx: typer.Context, path: str, overrides: list[str]):
     config = load_config_file(path, recipe=given.pop("recipe", None))
     config = apply_overrides(config, given, parse=False)
     config = apply_overrides(config, parse_overrides(overrides))
+    if ctx.params.get("data") is not None:  # --data: the preference pairs (recipe.data=pairs)
+        config = apply_overrides(config, {"pairs": ctx.params["data"]}, parse=False)
     if config.out is None:
         config = apply_overrides(config, {"out": default_out(config.recipe.name, config.task)}, parse=False)
     _check_task(config.task)
@@ -222,6 +244,9 @@ def train(
                                "--yaml`); options typed here and key=value override it."),
     nproc: int = typer.Option(1, min=1, help="Processes on this machine (data parallel, parallel=ddp|fsdp): "
                                              "launches torchrun; see docs/scaling.md."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Preference pairs for an offline pair recipe (dpo, ipo, ...): a JSONL file (prompt, "
+                             "chosen, rejected), a .json/.parquet file, a save_to_disk folder or a hub id."),
 ) -> None:
     """Train with any recipe.
 
@@ -258,14 +283,16 @@ def train(
 
             given = {name: ctx.params[name] for name in ("recipe", "task", "model", "seed")  # typed, not defaulted
                      if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-            trainer = resume_run(out, steps=steps, given=given, overrides=parse_overrides(ctx.args))
+            overrides = {**parse_overrides(ctx.args), **({"pairs": data} if data is not None else {})}
+            trainer = resume_run(out, steps=steps, given=given, overrides=overrides)
         else:
             from unipo.trainer import start_run
 
             if config_file:
                 config = config_from_file(ctx, config_file, ctx.args)
             else:
-                config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args)
+                config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args,
+                                      pairs=data)
             trainer = start_run(config, overwrite=overwrite)
         _fit_and_report(trainer)
     except USER_ERRORS as err:
@@ -409,6 +436,73 @@ def watch(run: str = typer.Argument(..., help="Run folder."),
         fail(user_error_message(err) or str(err))
     except KeyboardInterrupt:
         pass
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compare(
+    ctx: typer.Context,
+    recipes: str = typer.Option("grpo,luffy,chord", help="Comma-separated recipe names."),
+    seeds: str = typer.Option("2", help="N (seeds 0..N-1), or a comma-separated list of seeds (e.g. 3,7)."),
+    steps: int = typer.Option(20, help="RL steps per run."),
+    task: str = typer.Option("sort", help="Task (as `unipo train --task`)."),
+    model: str = typer.Option("tiny", help="'tiny' (a fresh initialisation per seed), a local path or a hub id."),
+    baseline: Optional[str] = typer.Option(None, help="The recipe the others are differenced against, paired by "
+                                                      "seed (default: the first)."),
+    warm_start_steps: int = typer.Option(200, help="The most SFT steps of the shared warm start per seed (0: none; "
+                                                   "every run starts from the model)."),
+    warm_start_target: float = typer.Option(0.2, help="Stop the warm start once pass@8 on train-split validation "
+                                                      "problems reaches this (0: run all its steps)."),
+    eval_problems: int = typer.Option(300, help="Held-out problems per evaluation."),
+    out: str = typer.Option("runs/compare", help="Folder for compare.json, compare.md, compare.png and the warm "
+                                                 "starts."),
+    workers: int = typer.Option(1, help="Runs in parallel (processes, one torch thread each)."),
+    quick: bool = typer.Option(False, help="Small batches, a short warm start and few held-out problems (seconds "
+                                           "per run; options you type win)."),
+    fresh_warm_start: bool = typer.Option(False, help="Redo the warm starts even if saved ones match."),
+    progress: bool = typer.Option(True, help="A progress bar over the runs."),
+) -> None:
+    """Train several recipes from one shared SFT warm start per seed and compare them on held-out problems.
+
+    Writes OUT/compare.json (every number), OUT/compare.md (the table) and OUT/compare.png (curves, spread bands).
+
+    The table: mean ± std over seeds, and differences against the warm start and against --baseline, paired by seed.
+
+    Extra `key=value` arguments override every run's config (e.g. rollout.group_size=4 optim.lr=3e-4).
+    """
+    import dataclasses
+
+    try:
+        from unipo.compare import QUICK, CompareConfig, markdown_table, output_paths, run_compare
+
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            seed_list = []
+        if not seed_list:
+            fail(f"--seeds must be N or a comma-separated list of seeds, got {seeds!r}")
+        given = _typed(ctx, ("eval_problems", "warm_start_steps", "warm_start_target"))
+        settings = dict(QUICK) if quick else {}  # the options typed win over --quick's
+        for option, key in (("eval_problems", "eval_problems"), ("warm_start_steps", "warm_steps"),
+                            ("warm_start_target", "warm_target_pass8")):
+            if not quick or option in given:
+                settings[key] = ctx.params[option]
+        cfg = CompareConfig(recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
+                            seeds=tuple(range(seed_list[0])) if "," not in seeds else tuple(seed_list),
+                            steps=steps, task=task, model=model, baseline=baseline, out=out, workers=workers,
+                            overrides=parse_overrides(ctx.args), **settings)
+        _check_task(cfg.task)
+        first = cfg.run_config(cfg.recipes[0], cfg.seeds[0])
+        preflight(dataclasses.replace(first, model=cfg.model, out=cfg.out))
+        command = "unipo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+        summary = run_compare(cfg, progress=progress, fresh_warm_start=fresh_warm_start, command=command)
+    except USER_ERRORS as err:
+        fail(str(err))
+    typer.echo(markdown_table(summary))
+    for row in summary["table"]:
+        for error in row["errors"]:
+            typer.echo(f"{row['recipe']} failed: {one_line(error)}", err=True)
+    paths = output_paths(cfg)
+    typer.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']} ({summary['total_seconds'] / 60:.1f} min)")
 
 
 @app.command()

@@ -5,20 +5,40 @@ Which rows exist is the recipe's data-source slot: `G - expert_per_group` rollou
 with `expert_in_addition`), `expert_per_group` copies of the task's demonstration, or demonstrations of
 other prompts as a fraction of the batch (`expert_batch_frac`), GHPO hints for groups that all failed,
 and DAPO's dynamic sampling refill. No algorithm is named here.
+
+Pair sources (`recipe.data` in `PAIR_SOURCES`) give (chosen, rejected) pairs, each as 2 consecutive rows,
+chosen first, with `group_ids` = `prompt_index` = the pair's index and `rewards` = the row's preference target:
+- `pairs`: offline pairs from `TrainConfig.pairs` (loaded once, `unipo.pairs.load_pairs`), a seeded sample of
+  `prompts_per_step` pairs a step (without replacement when the data has that many); targets 1 / 0;
+- `online_pairs`: `group_size` samples per task prompt from the current policy, judged by the preference oracle
+  (`unipo.oracles`, `TrainConfig.oracle`); chosen = the sample with the highest estimated win rate against the
+  others, rejected = the lowest (first on ties); targets 1 / 0. A prompt whose samples all tie gives no pair and
+  is counted (`rollout/tied_prompts`). With group_size 2 this is online DPO's judged pair (arXiv 2402.04792);
+- `spin`: chosen = the task's demonstration, rejected = one own sample (SPIN, arXiv 2401.01335); targets 1 / 0;
+- `self_play`: as online_pairs, with the two samples' estimated win rates P(y > pi) (the mean of the oracle's
+  P(y > y') over the other samples) as targets (SPPO, arXiv 2405.00675).
+For online_pairs and self_play, `recipe.pair_with_demonstration` adds the task's demonstration to each prompt's
+candidates (it may be chosen, or rejected, like any sample) and `recipe.pair_min_margin` drops pairs whose win
+rates differ by less (`rollout/small_margin_prompts`): DNO's practical algorithm (arXiv 2404.03715).
+Rows the policy did not sample (offline answers, demonstrations) are `off_policy`; its own samples keep their
+`sampling_logp`. `rollout/sampled_reward_mean` is the task reward of every sample drawn for pairs (the step's
+`reward_mean` is over the kept rows' preference targets).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, fields
 
 import torch
 
-from unipo.config import Recipe, RolloutConfig
+from unipo.config import PAIR_SOURCES, Recipe, RolloutConfig
 from unipo.core.hybrid import ghpo_hint_fraction, ghpo_needs_hint
 from unipo.core.selection import informative_groups, overlong_reward_penalty
 from unipo.engine.native import NativeEngine
 from unipo.models import format_prompt
+from unipo.rewards import RewardFunctions
 from unipo.rollout import pad_sequences
 from unipo.tasks.base import Problem, Task, extract_answer, score_completions
 
@@ -96,8 +116,17 @@ class RolloutCollector:
 
     def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
                  *, max_new_tokens: int, device: torch.device, generator: torch.Generator,
-                 shard: tuple[int, int] = (0, 1), engine=None) -> None:
+                 shard: tuple[int, int] = (0, 1), engine=None, pairs: str | None = None,
+                 oracle: str = "task", reference=None) -> None:
         self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
+        # pair sources: the offline pairs' source (loaded on first use) and the preference oracle's spec
+        self.pairs_source, self.oracle_spec = pairs, oracle
+        self.reference = reference  # nash_md: the mixture's other model
+        self._pairs = None
+        self._oracle = None
+        self._tied = 0  # prompts whose samples all tied this step (no pair)
+        self._small_margin = 0  # prompts whose best and worst differ by less than recipe.pair_min_margin
+        self._sampled: list[float] = []  # the task rewards of every sample drawn this step for pairs
         self.engine = engine if engine is not None else NativeEngine(model)  # who samples (unipo.engine)
         # (rank, world size): this process collects prompts rank, rank + N, ... of each step's draw, so each
         # advantage group stays on one rank (unipo.distributed)
@@ -106,6 +135,11 @@ class RolloutCollector:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._reward_timeouts = 0  # summed by `_score` over one `collect`
+        # rollout.reward: user functions added to the verifier's reward, run in the reward sandbox (unipo.rewards)
+        if rollout.reward and recipe.data in PAIR_SOURCES:
+            raise ValueError(f"rollout.reward scores rollouts; recipe {recipe.name} trains on preference pairs")
+        self.reward_functions = RewardFunctions(rollout.reward) if rollout.reward else None
+        self._user_stats: dict[str, float] = {}  # summed by `_score` over one `collect`
 
     # -- public -------------------------------------------------------------------------
     def collect(self, *, seed: int, step: int) -> tuple[RolloutBatch, dict[str, float]]:
@@ -115,6 +149,10 @@ class RolloutCollector:
         if self.rank > 0:  # rank 0 keeps one process's stream; the others draw from (seed, step, rank)
             self.generator.manual_seed(_mix_seed(seed, step, 1_000_000 + self.rank))
         self._reward_timeouts = 0
+        self._user_stats = {}
+        self._tied, self._small_margin, self._sampled = 0, 0, []
+        if self.recipe.data == "pairs":
+            return self._offline_pairs(seed, step, want_all)
         kept: list[RolloutBatch] = []
         n_groups = tries = generated_groups = 0
         while n_groups < want:
@@ -137,6 +175,9 @@ class RolloutCollector:
                 break
         stats = {"rollout/generation_rounds": float(tries), "rollout/groups_kept": float(n_groups),
                  "rollout/reward_timeouts": float(self._reward_timeouts)}
+        if self.recipe.data in PAIR_SOURCES:
+            stats.update({"rollout/pairs": 0.0, "rollout/tied_prompts": float(self._tied),
+                          "rollout/small_margin_prompts": float(self._small_margin)})
         if not kept:
             return self._empty(), stats
         batch = RolloutBatch.concat(kept)
@@ -150,7 +191,14 @@ class RolloutCollector:
         if self.recipe.expert_batch_frac:
             batch = RolloutBatch.concat([batch, self._separate_expert_rows(len(batch), seed, step, len(prompts))])
         stats["rollout/reward_timeouts"] = float(self._reward_timeouts)
+        stats.update(self._user_metrics())
         batch.reward_timeouts = self._reward_timeouts
+        if self.recipe.data == "nash_md":  # rewards are P(sample > mixture sample); the task's, here
+            stats["rollout/sampled_reward_mean"] = sum(self._sampled) / max(1, len(self._sampled))
+        if self.recipe.data in PAIR_SOURCES:
+            stats.update({"rollout/pairs": float(len(batch) // 2), "rollout/tied_prompts": float(self._tied),
+                          "rollout/small_margin_prompts": float(self._small_margin),
+                          "rollout/sampled_reward_mean": sum(self._sampled) / max(1, len(self._sampled))})
         return batch, stats
 
     # -- internals ----------------------------------------------------------------------
@@ -162,6 +210,10 @@ class RolloutCollector:
 
     def _rollout(self, problems: list[Problem], first_index: int) -> RolloutBatch:
         r, n_expert = self.recipe, self.recipe.expert_per_group
+        if r.data in PAIR_SOURCES:
+            return self._fresh_pairs(problems, first_index)
+        if r.data == "nash_md":
+            return self._against_mixture(problems, first_index)
         if r.data == "expert":
             n_policy = 0
         elif r.data == "on_policy" or r.expert_in_addition or r.expert_batch_frac:
@@ -206,14 +258,14 @@ class RolloutCollector:
             rewards = rewards + overlong_reward_penalty(lengths, self.max_new_tokens, buffer).to(rewards.dtype)
         prompt_index = torch.tensor([first_index + i for i in which for _ in range(n)], device=self.device)
         rows = len(texts)
-        return RolloutBatch(
+        return _without_skipped(RolloutBatch(
             prompt_ids=gen.prompt_ids, prompt_mask=gen.prompt_mask, completion_ids=gen.completion_ids,
             completion_mask=gen.completion_mask, sampling_logp=gen.sampling_logp, rewards=rewards,
             correct=correct, group_ids=prompt_index.clone(), prompt_index=prompt_index,
             off_policy=torch.zeros(rows, dtype=torch.bool, device=self.device), truncated=gen.truncated,
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
             hinted=torch.full((rows,), bool(hints), device=self.device), texts=texts,
-            prompts=[p.prompt for p in row_problem], reward_errors=errors)
+            prompts=[p.prompt for p in row_problem], reward_errors=errors))
 
     def _hint_failed_groups(self, problems, prompts, batch: RolloutBatch, n: int, first_index: int) -> RolloutBatch:
         """GHPO (arXiv 2507.10628): re-roll groups where every rollout failed, with a growing
@@ -246,7 +298,7 @@ class RolloutCollector:
         # influence on the rollouts' baseline.
         group_ids = prompt_index.clone() if self.recipe.expert_in_group else -(prompt_index + 1)
         rows = len(texts)
-        return RolloutBatch(
+        return _without_skipped(RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampling_logp=torch.zeros(completion_ids.shape, device=self.device),
             rewards=rewards, correct=correct, group_ids=group_ids, prompt_index=prompt_index,
@@ -254,7 +306,121 @@ class RolloutCollector:
             truncated=torch.zeros(rows, dtype=torch.bool, device=self.device),
             answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device),
             hinted=torch.zeros(rows, dtype=torch.bool, device=self.device), texts=texts,
-            prompts=[p.prompt for p in problems for _ in range(n)], reward_errors=errors)
+            prompts=[p.prompt for p in problems for _ in range(n)], reward_errors=errors))
+
+    # -- pair sources ---------------------------------------------------------------------
+    def _offline_pairs(self, seed: int, step: int, want_all: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """A seeded sample of `want_all` offline pairs (this rank's share: pairs rank, rank + N, ...)."""
+        from unipo.pairs import encode_answer, encode_prompt, load_pairs
+
+        if self._pairs is None:
+            if not self.pairs_source:
+                raise ValueError(f"recipe {self.recipe.name} trains on preference pairs: give them with --data FILE "
+                                 f"(pairs=FILE)")
+            self._pairs = load_pairs(self.pairs_source)
+        data = self._pairs
+        rng = random.Random(_mix_seed(seed, step, 0))
+        n = len(data)
+        drawn = rng.sample(range(n), want_all) if n >= want_all else [rng.randrange(n) for _ in range(want_all)]
+        picked = [data[i] for i in drawn[self.rank::self.world_size]]
+        stats = {"rollout/generation_rounds": 0.0, "rollout/groups_kept": float(len(picked)),
+                 "rollout/reward_timeouts": 0.0, "rollout/pairs": float(len(picked)), "rollout/tied_prompts": 0.0}
+        if not picked:
+            return self._empty(), stats
+        prompts, answers, texts, prompt_texts = [], [], [], []
+        for j, pair in enumerate(picked):
+            where = f"{self.pairs_source} pair {drawn[self.rank + j * self.world_size]}"
+            ids = encode_prompt(self.tokenizer, pair.prompt, where=where)
+            for answer in (pair.chosen, pair.rejected):
+                prompts.append(ids)
+                answers.append(encode_answer(self.tokenizer, pair.prompt, answer, where=where))
+                texts.append(_plain(answer))
+                prompt_texts.append(_plain(pair.prompt))
+        prompt_ids, prompt_mask = pad_sequences(prompts, self.pad_id, left=True, device=self.device)
+        completion_ids, completion_mask = pad_sequences(answers, self.pad_id, left=False, device=self.device)
+        rows = len(answers)
+        pair_index = torch.arange(len(picked), device=self.device).repeat_interleave(2)
+        zeros = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, sampling_logp=torch.zeros(completion_ids.shape, device=self.device),
+            rewards=torch.tensor([1.0, 0.0] * len(picked), device=self.device), correct=zeros.clone(),
+            group_ids=pair_index, prompt_index=pair_index.clone(), off_policy=~zeros, truncated=zeros.clone(),
+            answer_ids=torch.zeros(rows, dtype=torch.long, device=self.device), hinted=zeros.clone(), texts=texts,
+            prompts=prompt_texts)
+        return batch, stats
+
+    def _fresh_pairs(self, problems: list[Problem], first_index: int) -> RolloutBatch:
+        """Pairs made this step from the policy's own samples (online_pairs, self_play) or against the task's
+        demonstration (spin); pair i of the kept ones is indexed `first_index + problem index`."""
+        prompts = [self._encode_prompt(p.prompt) for p in problems]
+        every = list(range(len(problems)))
+        if self.recipe.data == "spin":
+            rejected = self._sample(problems, prompts, every, 1, first_index)
+            self._sampled += rejected.rewards.tolist()
+            chosen = self._expert_rows(problems, prompts, 1, first_index)
+            ones = torch.ones(len(problems), device=self.device)
+            return _interleave(chosen, rejected, ones, torch.zeros_like(ones), chosen.prompt_index)
+        from unipo.oracles import build_oracle, preference_matrix, win_rates
+
+        if self._oracle is None:
+            self._oracle = build_oracle(self.oracle_spec, self.task)
+        g, r = self.cfg.group_size, self.recipe
+        sampled = self._sample(problems, prompts, every, g, first_index)
+        self._sampled += sampled.rewards.tolist()
+        candidates = sampled  # row i*g + k: sample k of prompt i; with demonstrations, row n*g + i: prompt i's
+        if r.pair_with_demonstration:
+            candidates = RolloutBatch.concat([sampled, self._expert_rows(problems, prompts, 1, first_index)])
+        best, worst, best_rate, worst_rate = [], [], [], []
+        for i, problem in enumerate(problems):
+            rows = list(range(i * g, (i + 1) * g)) + ([len(problems) * g + i] * r.pair_with_demonstration)
+            rates = win_rates(preference_matrix(self._oracle, problem, [candidates.texts[j] for j in rows]))
+            top, bottom = int(torch.argmax(rates)), int(torch.argmin(rates))
+            if rates[top] == rates[bottom]:  # every sample ties: nothing to prefer
+                self._tied += 1
+                continue
+            if rates[top] - rates[bottom] < r.pair_min_margin:  # a small-margin pair (DNO's filter)
+                self._small_margin += 1
+                continue
+            best.append(rows[top])
+            worst.append(rows[bottom])
+            best_rate.append(float(rates[top]))
+            worst_rate.append(float(rates[bottom]))
+        if not best:
+            return self._empty()
+        chosen = candidates.rows(torch.tensor(best, device=self.device))
+        rejected = candidates.rows(torch.tensor(worst, device=self.device))
+        if self.recipe.data == "self_play":
+            targets = (torch.tensor(best_rate, device=self.device), torch.tensor(worst_rate, device=self.device))
+        else:
+            targets = (torch.ones(len(best), device=self.device), torch.zeros(len(best), device=self.device))
+        batch = _interleave(chosen, rejected, *targets, chosen.prompt_index)
+        batch.reward_errors = sampled.reward_errors
+        return batch
+
+    def _against_mixture(self, problems: list[Problem], first_index: int) -> RolloutBatch:
+        """Nash-MD's rows: `group_size` samples of the policy per prompt, sample k rewarded with the oracle's
+        P(sample k > mixture sample k), each mixture sample drawn from pi^(1-beta) * pi_ref^beta token by token
+        (`unipo.mixture`, unipo's own sampler whatever the engine). The mixture samples are judged, not trained on."""
+        from unipo.mixture import generate_mixture
+        from unipo.oracles import build_oracle
+
+        if self.reference is None:
+            raise ValueError(f"recipe {self.recipe.name} samples the mixture with the reference model: none was given")
+        if self._oracle is None:
+            self._oracle = build_oracle(self.oracle_spec, self.task)
+        g = self.cfg.group_size
+        prompts = [self._encode_prompt(p.prompt) for p in problems]
+        own = self._sample(problems, prompts, list(range(len(problems))), g, first_index)
+        self._sampled += own.rewards.tolist()
+        mix = generate_mixture(self.model, self.reference, prompts, beta=self.recipe.mixture_coef, group_size=g,
+                               max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                               temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=self.generator)
+        mix_texts = self.tokenizer.batch_decode(mix.completion_ids, skip_special_tokens=True)
+        row_problems = [p for p in problems for _ in range(g)]
+        own.rewards = self._oracle(row_problems, own.texts, mix_texts).to(own.rewards)
+        self._mixture_texts = mix_texts  # (read by tests)
+        return own
 
     def _score(self, problems: list[Problem], texts: list[str],
                zeroed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -267,7 +433,30 @@ class RolloutCollector:
         if zeroed is not None:
             score = torch.where(zeroed, torch.zeros_like(score), score)
         rewards = 2.0 * score - 1.0 if self.recipe.reward_scale == "signed" else score
+        if self.reward_functions is not None:  # + sum of weight * fn; NaN where one said None (the row is dropped)
+            user = self.reward_functions.score(problems, texts)
+            self._reward_timeouts += user.timeouts
+            stats = self._user_stats
+            for name, count in user.errors.items():
+                stats[f"errors/{name}"] = stats.get(f"errors/{name}", 0.0) + count
+                stats[f"sum/{name}"] = stats.get(f"sum/{name}", 0.0) + user.sums[name]
+                stats[f"n/{name}"] = stats.get(f"n/{name}", 0.0) + user.counts[name]
+            stats["skipped"] = stats.get("skipped", 0.0) + sum(user.skipped)  # (keys with a '/' are per function)
+            extra = torch.tensor(user.total, dtype=rewards.dtype, device=self.device)
+            skipped = torch.tensor(user.skipped, dtype=torch.bool, device=self.device)
+            rewards = torch.where(skipped, torch.full_like(rewards, math.nan), rewards + extra)
         return rewards, score >= 1.0, errors
+
+    def _user_metrics(self) -> dict[str, float]:
+        """rollout/reward_errors/<name>, rollout/reward_fn/<name> (mean value) and rollout/reward_skipped."""
+        if self.reward_functions is None:
+            return {}
+        stats, out = self._user_stats, {"rollout/reward_skipped": self._user_stats.get("skipped", 0.0)}
+        for name in self.reward_functions.names:
+            out[f"rollout/reward_errors/{name}"] = stats.get(f"errors/{name}", 0.0)
+            if stats.get(f"n/{name}"):
+                out[f"rollout/reward_fn/{name}"] = stats[f"sum/{name}"] / stats[f"n/{name}"]
+        return out
 
     def _separate_expert_rows(self, n_rollouts: int, seed: int, step: int, first_index: int) -> RolloutBatch:
         """Demonstrations of other training prompts, `expert_batch_frac` of the step's rows (CHORD mixes its
@@ -284,6 +473,30 @@ class RolloutCollector:
         e = torch.zeros(0, device=self.device)
         return RolloutBatch(z, z, z, z, z.float(), e, e.bool(), e.long(), e.long(), e.bool(), e.bool(),
                             e.long(), e.bool(), [], [])
+
+
+def _interleave(chosen: RolloutBatch, rejected: RolloutBatch, chosen_target: torch.Tensor,
+                rejected_target: torch.Tensor, pair_index: torch.Tensor) -> RolloutBatch:
+    """Rows (chosen_j, rejected_j) for each j, with `group_ids` = `prompt_index` = pair_index[j] and the
+    preference targets as rewards."""
+    n = len(chosen)
+    order = torch.stack([torch.arange(n), torch.arange(n) + n], 1).reshape(-1)
+    batch = RolloutBatch.concat([chosen, rejected]).rows(order)
+    index = pair_index.repeat_interleave(2)
+    batch.group_ids, batch.prompt_index = index, index.clone()
+    batch.rewards = torch.stack([chosen_target, rejected_target], 1).reshape(-1).to(batch.rewards)
+    return batch
+
+
+def _plain(text) -> str:
+    """A pair's text as one string (a message list: its contents, one per line)."""
+    return text if isinstance(text, str) else "\n".join(m.content for m in text)
+
+
+def _without_skipped(batch: RolloutBatch) -> RolloutBatch:
+    """The batch without the rows a user reward function skipped (None: NaN reward, set by `_score`)."""
+    skipped = batch.rewards.isnan()
+    return batch.rows(~skipped) if bool(skipped.any()) else batch
 
 
 def _hint(demonstration: str, fraction: float) -> str:

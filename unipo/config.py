@@ -18,7 +18,13 @@ from typing import Any
 
 import yaml
 
-DATA_SOURCES = ("on_policy", "mixed", "expert")
+# pair sources (unipo.collect): offline pairs (TrainConfig.pairs), judged pairs of fresh samples, SPIN's
+# (demonstration, own sample), SPPO's best/worst own samples with their estimated win rates
+PAIR_SOURCES = ("pairs", "online_pairs", "spin", "self_play")
+# nash_md: the policy's samples, each rewarded with the oracle's P(sample > a sample of the geometric mixture of the
+# policy and the reference) (Nash-MD, arXiv 2312.00886; unipo.mixture)
+DATA_SOURCES = ("on_policy", "mixed", "expert", *PAIR_SOURCES, "nash_md")
+REFERENCE_UPDATES = ("none", "soft", "hard")
 SCHEDULES = ("constant", "cosine", "linear")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ROLLOUT_ENGINES = ("native", "vllm")  # unipo.engine.ENGINES
@@ -147,6 +153,18 @@ class Recipe:
     entropy_coef: float = 0.0
     # value head (PPO with GAE)
     value_coef: float = 0.0
+    # a moving reference, applied after each training step's update (unipo.core.preference): "soft" mixes
+    # pi_ref <- alpha*pi + (1-alpha)*pi_ref every `tau` steps (TR-DPO), "hard" copies pi into pi_ref every `tau`
+    # steps (TR-DPO's hard update; SPIN's and iterative DPO's "reference = previous iterate")
+    reference_update: str = "none"
+    reference_update_params: Mapping[str, Any] = field(default_factory=dict)  # alpha (soft), tau (both)
+    # online_pairs / self_play: the task's demonstration joins each prompt's samples as a candidate (DNO's
+    # "student vs teacher" pairs), and a pair is kept only when the chosen answer's estimated win rate exceeds the
+    # rejected one's by at least `pair_min_margin` (DNO's large-margin filter; 0: any strict preference)
+    pair_with_demonstration: bool = False
+    pair_min_margin: float = 0.0
+    # nash_md: the weight beta of the reference in the geometric mixture pi^(1-beta) * pi_ref^beta (token-wise)
+    mixture_coef: float = 0.5
     # update schedule: each generation batch is shuffled and split into `mini_batches` parts, one
     # optimizer step each, for `epochs` passes (epochs * mini_batches updates per rollout batch).
     # TRL: steps_per_generation = mini_batches, num_iterations = epochs. verl: ppo_mini_batch_size =
@@ -162,7 +180,8 @@ class Recipe:
             object.__setattr__(self, "selection", _selection_names(self.selection))
         except ValueError as error:
             raise ValueError(f"recipe {self.name}: {error}") from None
-        for name in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params"):
+        for name in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params",
+                     "reference_update_params"):
             object.__setattr__(self, name, _frozen_mapping(getattr(self, name)))
         object.__setattr__(self, "hint_fractions", tuple(self.hint_fractions))
         if self.data == "on_policy" and self.expert_per_group:
@@ -213,6 +232,25 @@ class Recipe:
                 check_mapping(f"recipe.{key}", getattr(self, key))
         for name, params in (self.selection_params or {}).items():
             check_mapping(f"recipe.selection_params.{name}", params)
+        check_choice("recipe.reference_update", self.reference_update, REFERENCE_UPDATES)
+        check_bool("recipe.pair_with_demonstration", self.pair_with_demonstration)
+        check_number("recipe.pair_min_margin", self.pair_min_margin, "a number in [0, 1)", lambda x: 0 <= x < 1)
+        check_number("recipe.mixture_coef", self.mixture_coef, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+        if (self.pair_with_demonstration or self.pair_min_margin) and self.data not in ("online_pairs", "self_play"):
+            raise ValueError("recipe.pair_with_demonstration and recipe.pair_min_margin shape judged pairs: they need "
+                             "recipe.data=online_pairs or self_play")
+        params = self.reference_update_params or {}
+        check_mapping("recipe.reference_update_params", params)
+        allowed = {"none": (), "soft": ("alpha", "tau"), "hard": ("tau",)}[self.reference_update]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"recipe.reference_update_params: unknown keys {unknown} for reference_update="
+                             f"{self.reference_update}; valid: {', '.join(allowed) or 'none'}")
+        if "alpha" in params:
+            check_number("recipe.reference_update_params.alpha", params["alpha"], "a number in (0, 1]",
+                         lambda x: 0 < x <= 1)
+        if "tau" in params:
+            check_int("recipe.reference_update_params.tau", params["tau"], 1)
 
     @property
     def uses_expert(self) -> bool:
@@ -225,7 +263,24 @@ class Recipe:
 
     @property
     def needs_reference(self) -> bool:
-        return self.kl_coef > 0 or self.loss == "a_star_po"
+        """A frozen (or moving) reference model: a KL to it, or a slot function that reads `ref_logp` (A*-PO's
+        loss, every preference loss)."""
+        from unipo.slots import recipe_inputs
+
+        return (self.kl_coef > 0 or "ref_logp" in recipe_inputs(self) or self.reference_update != "none"
+                or self.data == "nash_md")  # Nash-MD samples the mixture with the reference
+
+    @property
+    def reference_schedule(self) -> tuple[float, int] | None:
+        """(alpha, tau) of the moving reference (alpha = 1: a hard copy), or None for a frozen one. Defaults:
+        alpha 0.6 (TR-DPO's soft update, the paper's and TRL's value), tau 1 (soft) or 512 (hard, TRL's
+        ref_model_sync_steps)."""
+        if self.reference_update == "none":
+            return None
+        params = self.reference_update_params
+        if self.reference_update == "soft":
+            return float(params.get("alpha", 0.6)), int(params.get("tau", 1))
+        return 1.0, int(params.get("tau", 512))
 
 
 @dataclass(frozen=True)
@@ -246,6 +301,8 @@ class RolloutConfig:
     correction: str = "none"
     correction_max: float | None = 3.0
     correction_min: float | None = None
+    # user reward functions added to the task's verifier: "module:function[@weight],..." (unipo.rewards)
+    reward: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("rollout.prompts_per_step", self.prompts_per_step, 1)
@@ -267,6 +324,9 @@ class RolloutConfig:
         for key in ("correction_max", "correction_min"):
             if getattr(self, key) is not None:
                 check_number(f"rollout.{key}", getattr(self, key), "a finite number > 0 (or null)", lambda x: x > 0)
+        from unipo.rewards import parse_reward_specs
+
+        object.__setattr__(self, "reward", parse_reward_specs(self.reward))  # syntax only: preflight imports
         if (self.correction_min is not None and self.correction_max is not None
                 and self.correction_min > self.correction_max):
             raise ValueError(f"rollout.correction_min={self.correction_min} is above rollout.correction_max="
@@ -324,6 +384,13 @@ class TrainConfig:
     lora: Mapping[str, Any] | None = None
     # where metrics go besides metrics.jsonl: "tensorboard" (RUN/tb), "wandb" (RUN/wandb); "a,b" or a list
     log: tuple[str, ...] = ("jsonl",)
+    # preference pairs for recipe.data=pairs (`unipo train --data FILE`): a JSONL file, a .json/.parquet file, a
+    # save_to_disk folder or a hub id (unipo.pairs.load_pairs); the task still gives held-out evaluation
+    pairs: str | None = None
+    # who judges fresh samples for online_pairs / self_play / nash_md, and the evaluation's win rate against the
+    # reference (unipo.oracles): "task" (the task's verifier),
+    # "rm:<path>" (a reward model saved by unipo.reward_model), "module:function" (user code)
+    oracle: str = "task"
 
     def __post_init__(self) -> None:
         for key, kind in (("recipe", Recipe), ("rollout", RolloutConfig), ("optim", OptimConfig)):
@@ -357,7 +424,21 @@ class TrainConfig:
             _check_lora(self.lora)
             object.__setattr__(self, "lora", _frozen_mapping(self.lora))
         object.__setattr__(self, "log", _log_names(self.log))
+        if isinstance(self.pairs, os.PathLike):
+            object.__setattr__(self, "pairs", os.fspath(self.pairs))
+        if self.pairs is not None:
+            check_name("pairs", self.pairs)
+            if self.recipe.data != "pairs":
+                raise ValueError(f"pairs={self.pairs!r} is set, but recipe {self.recipe.name} does not read preference "
+                                 f"pairs (recipe.data={self.recipe.data}; an offline pair recipe has data=pairs)")
+        check_name("oracle", self.oracle)
+        from unipo.oracles import check_oracle_spec
+
+        check_oracle_spec(self.oracle)
         r, g = self.recipe, self.rollout.group_size
+        if r.data in ("online_pairs", "self_play") and g < 2:
+            raise ValueError(f"rollout.group_size={g}: recipe {r.name} judges pairs among each prompt's samples "
+                             f"(recipe.data={r.data}); set rollout.group_size >= 2")
         if r.data == "mixed" and not r.expert_in_addition and not r.expert_batch_frac and g <= r.expert_per_group:
             raise ValueError(
                 f"rollout.group_size={g} leaves no rollouts: recipe {r.name} puts recipe.expert_per_group="

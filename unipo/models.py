@@ -43,6 +43,10 @@ TINY_SIZES: dict[str, dict[str, int]] = {
     "small": dict(
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048
     ),
+    # Qwen2.5-0.5B's decoder shape (0.36B parameters over the char vocabulary): the GPU benchmark's model
+    "0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
+    ),
 }
 
 _LORA_KEYS = set(LORA_KEYS)

@@ -490,6 +490,147 @@ SFT_THEN_RL = _add(Recipe(
     mixer_params={"sft_steps": 20},  # open choice: scale it with the run (an override)
 ))
 
+# --- preference optimisation: offline pairs (`unipo train --recipe dpo --data pairs.jsonl`) ---------------
+# The loss is a preference loss (unipo.core.preference) on (chosen, rejected) row pairs: the pairwise path of the
+# update (unipo.core.pairwise, unipo.update). Per-row log-probs are summed over the answer's tokens (ipo: averaged,
+# as TRL does); the reference's log-probs are recomputed every step (not cached), from the frozen initial policy
+# unless the recipe moves it (reference_update). The advantage slot is unused.
+
+DPO = _add(Recipe(
+    name="dpo",
+    notes="beta=0.1, the paper's default (its appendix B: 'unless noted otherwise') and TRL's. Pairs come from TrainConfig.pairs (`--data FILE`: JSONL, .json/.parquet, a save_to_disk folder or a hub id; unipo.pairs), prompts_per_step pairs a step, sampled with a seed; one optimizer step per batch. The reference is the initial policy, frozen; its log-probs are recomputed each step (TRL precomputes them once, the same numbers).",
+    summary="direct preference optimisation: -log sigma(beta * implicit reward margin) on offline pairs",
+    paper="arXiv 2305.18290 (DPO, Eq. 7)",
+    family="preference",
+    data="pairs",
+    loss="dpo",
+    loss_params={"beta": 0.1},
+))
+
+IPO = _add(dataclasses.replace(
+    DPO, name="ipo",
+    notes="beta (the paper's tau) = 0.1, TRL's default; log-probs averaged over each answer's tokens (length_norm, TRL's choice for IPO; the paper's h is a sum); loss (h/beta - 1/(2 beta))^2.",
+    summary="identity preference optimisation: squared regression of the log-ratio margin onto 1/(2 tau)",
+    paper="arXiv 2310.12036 (IPO, Eq. 17)",
+    loss="ipo",
+    loss_params={"beta": 0.1, "length_norm": True},
+))
+
+ROBUST_DPO = _add(dataclasses.replace(
+    DPO, name="robust_dpo",
+    notes="label_noise epsilon = 0.1 (our choice; set it to the flip rate you believe your labels have); beta=0.1. TRL's `robust` loss_type with label_smoothing=epsilon.",
+    summary="DPO made unbiased under labels flipped with probability epsilon",
+    paper="arXiv 2403.00409 (Provably Robust DPO)",
+    loss="robust_dpo",
+    loss_params={"beta": 0.1, "label_noise": 0.1},
+))
+
+RPO = _add(dataclasses.replace(
+    DPO, name="rpo",
+    notes="alpha=1 on the chosen answer's per-token mean NLL (Iterative RPO's weight and TRL's rpo_alpha normalisation); beta=0.1. In Iterative RPO the pairs are regenerated each round (correct vs incorrect chains of thought); here the recipe trains on given pairs: make them with unipo.pairs.make_pairs.",
+    summary="DPO plus the NLL of the chosen answer",
+    paper="arXiv 2404.19733 (Iterative Reasoning Preference Optimization)",
+    loss="rpo",
+    loss_params={"beta": 0.1, "alpha": 1.0},
+))
+
+SLIC = _add(dataclasses.replace(
+    DPO, name="slic",
+    notes="delta=1 (the paper's calibration margin); lambda=0.1 on the chosen answer's per-token mean NLL (our choice); the hinge is on the reference-normalised margin h with beta=1 (RSO's and TRL's `hinge`); with zero reference log-probs it is the paper's reference-free rank calibration.",
+    summary="hinge on the margin (rank calibration) plus a cross-entropy regulariser",
+    paper="arXiv 2305.10425 (SLiC-HF)",
+    loss="slic",
+    loss_params={"beta": 1.0, "delta": 1.0, "lam": 0.1},
+))
+
+TR_DPO = _add(dataclasses.replace(
+    DPO, name="tr_dpo",
+    notes="The reference moves: pi_ref <- alpha*pi + (1-alpha)*pi_ref every tau steps, alpha=0.6 and tau=512 (TRL's DPOConfig defaults ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, which cite the paper); scale tau with a short run (recipe.reference_update_params.tau). The hard variant: recipe.reference_update=hard. The moving reference is saved in every checkpoint.",
+    summary="DPO against a reference that is softly (or periodically) updated toward the policy",
+    paper="arXiv 2404.09656 (TR-DPO)",
+    loss="tr_dpo",
+    reference_update="soft",
+    reference_update_params={"alpha": 0.6, "tau": 512},
+))
+
+# --- online, iterative and self-play preference methods (pairs made from the policy's samples) ---------------
+
+ONLINE_DPO = _add(Recipe(
+    name="online_dpo",
+    notes="Each step samples rollout.group_size completions per task prompt from the current policy and judges them with the preference oracle (TrainConfig.oracle: the task's verifier by default, rm:<path>, or module:function); chosen = the sample with the highest estimated win rate against the others, rejected = the lowest; prompts whose samples all tie give no pair (rollout/tied_prompts). The paper samples 2 answers and asks an LLM annotator: set rollout.group_size=2 for that; more samples give best-vs-worst pairs (as online iterative RLHF does). beta=0.1; reference frozen.",
+    summary="DPO on fresh pairs of the policy's own samples, judged online",
+    paper="arXiv 2402.04792 (Direct Language Model Alignment from Online AI Feedback)",
+    family="online preference",
+    data="online_pairs",
+    loss="dpo",
+    loss_params={"beta": 0.1},
+))
+
+ITERATIVE_DPO = _add(dataclasses.replace(
+    ONLINE_DPO, name="iterative_dpo",
+    notes="online_dpo in rounds: the reference is replaced by the current policy every tau=10 steps (a 'round'; our choice, scale it with the run), as online iterative RLHF retrains each iteration from the last one against it. Pairs are best-vs-worst of rollout.group_size samples under the oracle.",
+    summary="online DPO in rounds, the reference refreshed to the current policy after each",
+    paper="arXiv 2405.07863 (RLHF Workflow: online iterative DPO); arXiv 2312.11456",
+    reference_update="hard",
+    reference_update_params={"tau": 10},
+))
+
+SPIN = _add(Recipe(
+    name="spin",
+    notes="Pairs (the task's demonstration, one own sample of the current policy) with the logistic loss, which is DPO's with beta = lambda = 0.1 (the authors' default, uclaml/SPIN). The opponent/reference is the previous iterate: replaced by the current policy every tau=10 steps (our round length; the paper regenerates the whole SFT set each iteration and trains 2 epochs).",
+    summary="self-play fine-tuning: prefer the demonstration over the model's own sample",
+    paper="arXiv 2401.01335 (SPIN)",
+    family="online preference",
+    data="spin",
+    loss="dpo",
+    loss_params={"beta": 0.1},
+    reference_update="hard",
+    reference_update_params={"tau": 10},
+))
+
+SPPO = _add(Recipe(
+    name="sppo",
+    notes="Each step: rollout.group_size samples per prompt (the paper: K=5), each sample's win rate P(y > pi) estimated as the mean of the oracle's P(y > y') over the other samples; the best and worst samples are regressed with (log pi/pi_ref (y) - eta*(P - 1/2))^2, averaged over the two (the authors' code, uclaml/SPPO, whose eta = 1/beta, with beta=0.001 in its scripts/pipeline.sh @0a4a1c18: eta=1000). The reference is the previous iterate: replaced every tau=10 steps (our round length).",
+    summary="self-play preference optimisation: regress log-ratios onto estimated win rates against the policy",
+    paper="arXiv 2405.00675 (SPPO, Eq. 4.7)",
+    family="online preference",
+    data="self_play",
+    loss="sppo",
+    loss_params={"beta": 0.001, "eta": 1000.0},
+    reference_update="hard",
+    reference_update_params={"tau": 10},
+))
+
+DNO = _add(Recipe(
+    name="dno",
+    notes="DNO-Prct (the paper's practical algorithm, sec. 4): each step, rollout.group_size samples of the current policy plus the task's demonstration (the paper's gold/teacher answer) per prompt, all compared pairwise by the preference oracle; chosen = the highest estimated win rate, rejected = the lowest, kept only when they differ by at least 0.5 (the paper's large-margin filter; its threshold is not reproduced here: 0.5 is our choice), trained with DPO's loss against the previous iterate (reference replaced every tau=10 steps, our round length). beta=0.1 (our choice). The conceptual DNO (its regression onto win rates) is not implemented; sppo is the regression form.",
+    summary="direct Nash optimisation, practical form: iterative DPO on large-margin pairs among own samples and the demonstration",
+    paper="arXiv 2404.03715 (Direct Nash Optimization, DNO-Prct)",
+    family="online preference",
+    data="online_pairs",
+    pair_with_demonstration=True,
+    pair_min_margin=0.5,
+    loss="dpo",
+    loss_params={"beta": 0.1},
+    reference_update="hard",
+    reference_update_params={"tau": 10},
+))
+
+NASH_MD = _add(Recipe(
+    name="nash_md",
+    notes="Nash-MD-PG: rollout.group_size samples y of the policy per prompt, each against one sample y' of the geometric mixture pi^(1-beta) * pi_ref^beta (beta = mixture_coef = 0.5, TRL's NashMDConfig default), taken token by token as TRL does (unipo.mixture; unipo's own sampler even with rollout.engine=vllm); the oracle's P(y > y') (TrainConfig.oracle) is the reward, A = P - 1/2, REINFORCE on the summed log-prob of y (seq_mean_token_sum), plus beta_KL = 0.1 (TRL's default beta) times a KL to the reference in the loss, with the k2 estimator (whose gradient is the token-wise policy gradient of the reverse KL). The mixture samples are judged, never trained on. One optimizer step per batch.",
+    summary="play against a geometric mixture of the policy and the reference; REINFORCE on the preference",
+    paper="arXiv 2312.00886 (Nash Learning from Human Feedback, Nash-MD-PG)",
+    family="online preference",
+    data="nash_md",
+    mixture_coef=0.5,
+    advantage="preference_centred",
+    loss="reinforce",
+    aggregation="seq_mean_token_sum",
+    kl_coef=0.1,
+    kl_estimator="k2",
+))
+
 
 def catalogue_markdown() -> str:
     """docs/recipes.md: every recipe's mechanism, paper, open choices and slots."""
@@ -512,5 +653,6 @@ def catalogue_markdown() -> str:
         slots = {k: v for k, v in to_dict(r).items()
                  if k not in ("name", "summary", "paper", "family", "notes") and v != defaults[k]}
         lines += ["", "| slot | value |", "|---|---|"] + [f"| `{k}` | `{v}` |" for k, v in slots.items()]
-        lines += ["", f"Run it: `unipo train --recipe {r.name} --task addition`"]
+        data = " --data pairs.jsonl" if r.data == "pairs" else ""
+        lines += ["", f"Run it: `unipo train --recipe {r.name}{data} --task addition`"]
     return "\n".join(lines) + "\n"

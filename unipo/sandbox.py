@@ -402,7 +402,7 @@ class _Call:
         self.replaced_in_a_row = 0
         if status == _OK:
             try:
-                self.rewards[index] = check_reward(reward)
+                self.rewards[index] = getattr(self.task, "check_score", check_reward)(reward)  # Task.check_score
             except (TypeError, ValueError) as error:
                 self._error(f"ValueError: {error}")
         else:
@@ -545,7 +545,8 @@ def _worker_main(conn: Any, scratch: str, limits: dict[str, Any]) -> None:
             try:
                 tasks[key] = pickle.loads(blob)  # the parent's own task object, never model output
                 # first-call set-up (sympy's caches) done once here, not in every scorer process
-                _warm_up(tasks[key], problem, limits["timeout_s"])
+                if getattr(tasks[key], "warm_up", True):  # not a user reward function: no extra, unconfined call
+                    _warm_up(tasks[key], problem, limits["timeout_s"])
                 record = _record(_LOADED, _OK, nonce, 0.0, layers)
             except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises
                 record = _record(_LOAD_FAILED, _ERROR, nonce, 0.0, f"{type(error).__name__}: {error}")

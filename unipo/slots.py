@@ -22,6 +22,7 @@ import torch
 from unipo.core import hybrid  # noqa: F401  (registers the hybrid losses and the calibrl advantage)
 from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from unipo.core.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss
+from unipo.core.pairwise import PAIRWISE_LOSSES, is_pairwise  # (registers the preference losses)
 from unipo.core.registry import Registry
 from unipo.core.selection import SELECTIONS, compute_selection
 from unipo.critics import BASELINES
@@ -102,6 +103,12 @@ def check_recipe(recipe: Recipe) -> None:
                 raise ValueError(f"declares inputs {unknown} that the trainer does not provide")
         except ValueError as error:
             raise ValueError(f"recipe {recipe.name}: {error}") from None
+    from unipo.config import PAIR_SOURCES
+
+    if is_pairwise(recipe.loss) != (recipe.data in PAIR_SOURCES):
+        raise ValueError(f"recipe {recipe.name}: a preference loss trains on (chosen, rejected) pairs, and pairs are "
+                         f"only trained by one: recipe.loss={recipe.loss!r} with recipe.data={recipe.data!r} (pair "
+                         f"sources: {', '.join(PAIR_SOURCES)}; preference losses: {', '.join(PAIRWISE_LOSSES)})")
     if "values" in recipe_inputs(recipe) and not recipe.value_coef > 0:
         raise ValueError(f"recipe {recipe.name}: advantage {recipe.advantage!r} reads the value head's values; "
                          f"set recipe.value_coef > 0 to train one")
@@ -153,8 +160,12 @@ def _dry_run(recipe: Recipe) -> None:
         compute_selection(name, inputs["mask"], rewards=rewards, advantages=advantages, entropy=inputs["entropy"],
                           group_ids=group_ids, **recipe.selection_params.get(name, {}),
                           **declared(SELECTIONS, name, drop=("entropy",)))
-    compute_policy_loss(recipe.loss, inputs["logp"].clone().requires_grad_(), inputs["logp"] + 0.05, advantages,
-                        inputs["mask"], recipe.aggregation, max_len=8, **recipe.loss_params,
-                        **declared(POLICY_LOSSES, recipe.loss))
+    if is_pairwise(recipe.loss):  # rows (0, 1), (2, 3), (4, 5) are (chosen, rejected) pairs; rewards in [0, 1]
+        POLICY_LOSSES.get(recipe.loss)(inputs["logp"].clone().requires_grad_(), inputs["logp"], advantages,
+                                       inputs["mask"], **recipe.loss_params, **declared(POLICY_LOSSES, recipe.loss))
+    else:
+        compute_policy_loss(recipe.loss, inputs["logp"].clone().requires_grad_(), inputs["logp"] + 0.05, advantages,
+                            inputs["mask"], recipe.aggregation, max_len=8, **recipe.loss_params,
+                            **declared(POLICY_LOSSES, recipe.loss))
     MIXERS.get(recipe.mixer)(rewards=rewards, prompt_index=group_ids, off_policy=inputs["off_policy"], step=1,
                              total_steps=10, **recipe.mixer_params)

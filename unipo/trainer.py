@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from unipo.collect import RolloutBatch, RolloutCollector
-from unipo.config import TrainConfig
+from unipo.config import PAIR_SOURCES, TrainConfig
 from unipo.core.advantages import compute_advantages
 from unipo.core.correction import rollout_correction
+from unipo.core.preference import hard_update_due, soft_update_reference
 from unipo.core.selection import compute_selection
 from unipo.critics import BASELINES, ValueHead
 from unipo.distributed import Parallel, from_environment, gather_batch
@@ -39,6 +40,8 @@ from unipo.runs import RunFolder
 from unipo.slots import recipe_inputs, slot_choices
 from unipo.tasks.base import get_task
 from unipo.update import PolicyUpdate
+
+PREFERENCE_DATA = (*PAIR_SOURCES, "nash_md")  # recipes whose evaluation adds the win rate against the reference
 
 
 @dataclass
@@ -94,7 +97,8 @@ class Trainer:
         self.collector = RolloutCollector(self.model, tokenizer, self.task, self.recipe, config.rollout,
                                           max_new_tokens=self.max_new_tokens, device=self.device,
                                           generator=self.generator,
-                                          shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine)
+                                          shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine,
+                                          pairs=config.pairs, oracle=config.oracle, reference=self.reference)
         self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
                                    optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
                                    value_head=self.value_head, max_len=self.max_new_tokens,
@@ -158,6 +162,8 @@ class Trainer:
         done = time.perf_counter()
 
         self.step += 1
+        if finite:
+            update_metrics.update(self._refresh_reference())
         on = ~batch.off_policy
         has_rollouts = bool(on.any())  # an SFT step has none: its rollout statistics are null
 
@@ -386,6 +392,20 @@ class Trainer:
             done.append(rows)
         return self._of_all_ranks(parts, done, every_row, batch, ["logp"])["logp"]
 
+    def _refresh_reference(self) -> dict[str, float]:
+        """A moving reference (`recipe.reference_update`), after the step's update: every tau steps,
+        pi_ref <- alpha*pi + (1-alpha)*pi_ref (soft, TR-DPO) or pi_ref <- pi (hard: alpha = 1; TR-DPO's hard
+        update, SPIN's and iterative DPO's previous iterate). Returns `ref/updated` (1 on the steps it moved)."""
+        schedule = self.recipe.reference_schedule
+        if schedule is None or self.reference is None:
+            return {}
+        alpha, tau = schedule
+        if not hard_update_due(self.step, tau):
+            return {"ref/updated": 0.0}
+        with self.parallel.full_weights(self.model):
+            soft_update_reference(list(self.reference.parameters()), list(self.model.parameters()), alpha)
+        return {"ref/updated": 1.0}
+
     # -- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
         """Train until `config.steps`, logging, evaluating and checkpointing as configured.
@@ -435,11 +455,25 @@ class Trainer:
                 result = evaluate_model(self.model, self.tokenizer, self.task, n=n or self.config.eval_problems,
                                         ks=ks, seed=self.config.seed, max_new_tokens=self.max_new_tokens,
                                         temperature=self.config.rollout.temperature)
+                if self.reference is not None and self.recipe.data in PREFERENCE_DATA:
+                    result.update(self._win_rate_vs_reference(n or self.config.eval_problems))
             result = self.parallel.broadcast_object(result)
         record = {"step": self.step, **result}
         if self.run:
             self.run.append("eval.jsonl", record)
         return record
+
+    def _win_rate_vs_reference(self, n: int) -> dict[str, float]:
+        """Preference recipes: the oracle's mean P(policy > reference) on held-out prompts (`unipo.oracles`), one
+        sample each; against the current reference (the initial policy unless the recipe moves it)."""
+        from unipo.oracles import build_oracle, win_rate_against
+
+        prefer = self.collector._oracle or build_oracle(self.config.oracle, self.task)
+        with self.autocast():
+            result = win_rate_against(self.model, self.reference, self.tokenizer, self.task, prefer, n=n,
+                                      seed=self.config.seed, max_new_tokens=self.max_new_tokens,
+                                      temperature=self.config.rollout.temperature)
+        return {f"vs_reference/{k}": v for k, v in result.items()}
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -456,10 +490,15 @@ class Trainer:
             "python_rng": random.getstate(),
             "value_head": None if self.value_head is None else dict(self.value_head.state_dict()),
             "tracker": {} if self.tracker is None else dict(self.tracker.state),
+            # a moving reference is part of the state (the run folder's reference/ is written once, at the first save)
+            "reference": ({k: v.detach().clone() for k, v in self.reference.state_dict().items()}
+                          if self.reference is not None and self.recipe.reference_schedule is not None else None),
         }
 
     def save(self) -> None:
-        """checkpoint-<step> in the run folder (and the reference model, once): safetensors and JSON, no pickle.
+        """checkpoint-<step> in the run folder (and the reference model, once: a moving reference is also saved in
+        each checkpoint's trainer state, so a resume restores the reference of that step): safetensors and JSON,
+        no pickle.
         Every rank calls it (FSDP gathers the shards); rank 0 writes."""
         assert self.checkpointing
         weights, state = self.parallel.full_model_state(self.model), self.state_dict()
@@ -482,6 +521,8 @@ class Trainer:
             self.value_head.load_state_dict(state["value_head"])
         if self.tracker is not None:
             self.tracker.state = {prompt: tuple(ab) for prompt, ab in state["tracker"].items()}
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict({k: v.to(self.device) for k, v in state["reference"].items()})
 
 
 def _mix_seed(seed: int, step: int) -> int:

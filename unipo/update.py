@@ -17,6 +17,13 @@ the mini-batch's denominator, so the micro-batch gradients sum to the mini-batch
 In a multi-process run (`unipo.distributed`) the batch and its mini-batches are global: every rank
 computes the same denominators from the whole mini-batch, runs forwards and backwards on its own rows
 only, and the ranks' gradients add up to the one-process gradient of that mini-batch.
+
+A pairwise (preference) loss (`unipo.core.pairwise`) takes the pairwise path: rows 2j, 2j+1 of the batch are
+pair j's (chosen, rejected); mini-batches shuffle whole pairs, micro-batches hold whole pairs (their size is
+rounded down to an even number, at least 2), and each micro-batch's loss is its pairs' summed loss divided by
+the number of pairs of the whole (global) mini-batch, so accumulation and the ranks' sum stay exact. The
+reference's log-probs (`LossPlan.ref_logp`) are recomputed every step, before the update, from the current
+(frozen, or moving: `recipe.reference_update`) reference; not cached across steps.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from unipo.config import TrainConfig
 from unipo.core.advantages import gae_returns
 from unipo.core.hybrid import chord_phi_weights
 from unipo.core.kl import kl_estimate
-from unipo.core.losses import aggregate, aggregation_denominator, compute_policy_loss, value_loss
+from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss, value_loss
+from unipo.core.pairwise import is_pairwise
 from unipo.distributed import Parallel
 from unipo.slots import SlotChoice
 
@@ -56,18 +64,23 @@ class LossPlan:
         """The normalisers of one mini-batch (`rows`), shared by all its micro-batches."""
         return {"rl": aggregation_denominator(self.rl_mask[rows], aggregation, max_len=max_len),
                 "sft": aggregation_denominator(self.sft_mask[rows], "token_mean"),
-                "value": aggregation_denominator(self.mask[rows], "token_mean")}
+                "value": aggregation_denominator(self.mask[rows], "token_mean"),
+                "pairs": torch.tensor(len(rows) // 2, dtype=self.mask.dtype, device=self.mask.device)}
 
 
-def mini_batch_rows(n_rows: int, mini_batches: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+def mini_batch_rows(n_rows: int, mini_batches: int, generator: torch.Generator | None, *,
+                    unit: int = 1) -> list[torch.Tensor]:
     """Row indices of each mini-batch: a random permutation split into `mini_batches` near-equal parts (all
     rows in one part when `mini_batches` is 1), each part sorted so that a group's rows stay adjacent (the
-    forward then runs their shared prompt once)."""
-    parts = min(mini_batches, n_rows)
+    forward then runs their shared prompt once). `unit` = 2 (pairwise losses): rows u*k .. u*k + u - 1 move
+    together, so a (chosen, rejected) pair is never split."""
+    n_units = n_rows // unit
+    parts = min(mini_batches, n_units)
     if parts <= 1:
         return [torch.arange(n_rows)]
-    order = torch.randperm(n_rows, generator=generator)
-    return [part.sort().values for part in torch.tensor_split(order, parts)]
+    order = torch.randperm(n_units, generator=generator)
+    return [(part.sort().values[:, None] * unit + torch.arange(unit)).reshape(-1)
+            for part in torch.tensor_split(order, parts)]
 
 
 # Metrics logged under their own name; every other one a loss function reports goes under "actor/".
@@ -85,6 +98,7 @@ class PolicyUpdate:
         self.loss, self.value_head, self.max_len = loss, value_head, max_len
         self.parallel = parallel or Parallel()
         self.forward_module = forward_module  # DDP's wrapper (its no_sync) in a multi-process run
+        self.pairwise = is_pairwise(loss.name)  # rows come in (chosen, rejected) pairs (unipo.core.pairwise)
 
     def plan(self, batch, selection: torch.Tensor, rl_weight: torch.Tensor, sft_weight: torch.Tensor,
              old_logp: torch.Tensor | None, reference_logp: Callable[[], torch.Tensor] | None, *,
@@ -113,6 +127,8 @@ class PolicyUpdate:
             return {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "select/token_frac": 0.0,
                     "actor/updates": 0.0, "actor/skipped_updates": float(self.recipe.updates_per_batch)}, True
         r, micro, parallel = self.recipe, self.config.optim.micro_batch_size, self.parallel
+        unit = 2 if self.pairwise else 1
+        micro = max(unit, micro - micro % unit)  # whole pairs in every micro-batch
         if origin is None:
             origin = torch.zeros(len(batch), dtype=torch.long, device=plan.mask.device)
         totals: dict[str, torch.Tensor] = {}
@@ -120,7 +136,7 @@ class PolicyUpdate:
         finite, updates, skipped, attempted = True, 0, 0, 0
         grad_norms, losses = [], []
         for _ in range(r.epochs):
-            for rows in mini_batch_rows(len(batch), r.mini_batches, generator):
+            for rows in mini_batch_rows(len(batch), r.mini_batches, generator, unit=unit):
                 denominators = plan.denominators(rows, r.aggregation, self.max_len)  # the whole mini-batch's
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = plan.mask.new_zeros(())
@@ -151,7 +167,7 @@ class PolicyUpdate:
         totals = {k: parallel.all_reduce_(torch.as_tensor(totals[k]).clone()) / attempted for k in sorted(totals)}
         maxima = {k: parallel.all_reduce_(maxima[k].clone(), "max") for k in sorted(maxima)}
         totals = {**totals, "loss": torch.stack(losses).mean(), **maxima}
-        metrics = {(k if k in _PLAIN_METRICS else f"actor/{k}"): v for k, v in totals.items()}
+        metrics = {(k if k in _PLAIN_METRICS or k.startswith("pref/") else f"actor/{k}"): v for k, v in totals.items()}
         metrics.setdefault("kl", 0.0)
         metrics.setdefault("clip_frac", 0.0)
         metrics["grad_norm"] = torch.stack([g.float() for g in grad_norms]).mean()
@@ -164,13 +180,26 @@ class PolicyUpdate:
                          advantages: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss of `rows`, divided by their mini-batch's normalisers, and its detached metrics."""
         r, max_len = self.recipe, self.max_len
+        if self.pairwise and len(rows) % 2:
+            # a padding chunk of one row (another rank's mini-batch is larger; its loss counts 0): pair it with itself
+            rows = rows.repeat_interleave(2)
         out = self.forward(rows, need_entropy=True, need_hidden=self.value_head is not None)  # entropy: logged
         logp = out.logp.float()
         old = plan.old_logp[rows] if plan.old_logp is not None else logp.detach()
         rl_mask, mask = plan.rl_mask[rows], plan.mask[rows]
         loss = logp.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
-        if plan.has_rl:
+        if plan.has_rl and self.pairwise:
+            # Pairwise: rows 2j, 2j+1 are a (chosen, rejected) pair of one group; per-row log-probs over the whole
+            # completion; the pairs' summed loss over the whole mini-batch's pair count.
+            if not bool((batch.group_ids[rows][0::2] == batch.group_ids[rows][1::2]).all()):
+                raise RuntimeError("a micro-batch split a (chosen, rejected) pair")  # a bug, never the user's
+            declared = {"ref_logp": None if plan.ref_logp is None else plan.ref_logp[rows],
+                        "rewards": _rows(inputs["rewards"], rows)}
+            pair_sum, metrics = POLICY_LOSSES.get(r.loss)(logp, old, advantages[rows], mask, **r.loss_params,
+                                                          **declared)
+            loss = loss + pair_sum / denominators["pairs"].clamp(min=1)
+        elif plan.has_rl:
             # A loss reads the current policy's entropy (detached) and the reference of these rows; every
             # other declared input is a batch input restricted to the rows.
             local = {"entropy": out.entropy.detach(),

@@ -74,6 +74,11 @@ class Task(ABC):
     @abstractmethod
     def score(self, problem: Problem, completion: str) -> float: ...
 
+    def check_score(self, value: object) -> float:
+        """`score`'s value as a reward, or ValueError/TypeError (scored 0, counted): a float in [0, 1] for a task's
+        verifier; a user reward function (`unipo.rewards`) allows any finite float."""
+        return check_reward(value)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, max_new_tokens={self.max_new_tokens})"
 
@@ -268,7 +273,7 @@ def score_in_process(task: Task, problems: Sequence[Problem], completions: Seque
     first_error: str | None = None
     for problem, completion in zip(problems, completions):
         try:
-            reward = check_reward(task.score(problem, completion))
+            reward = getattr(task, "check_score", check_reward)(task.score(problem, completion))
         except Exception as error:  # noqa: BLE001 - any scorer failure becomes reward 0
             errors += 1
             first_error = first_error or f"{type(error).__name__}: {error}"
