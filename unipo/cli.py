@@ -6,6 +6,7 @@
     unipo train --recipe dpo --data pairs.jsonl  preference pairs (online_dpo, spin, sppo make their own)
     unipo sft --task T                           supervised fine-tuning on demonstrations
     unipo eval --model DIR --task T --k 1,4,16   accuracy and unbiased pass@k
+    unipo rm --data PAIRS --out DIR              a Bradley-Terry reward model (rollout.reward=rm:DIR)
     unipo plot RUN [RUN ...]                     learning curves as PNGs (one per run, one overlay)
     unipo watch RUN                              the latest metrics of a run, live
     unipo recipes [show NAME]                    the catalogue
@@ -155,13 +156,15 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out: Optional[str],
-                 overrides: list[str], pairs: Optional[str] = None):
+                 overrides: list[str], pairs: Optional[str] = None, env: Optional[str] = None):
     from unipo.config import TrainConfig, apply_overrides
     from unipo.recipes import get_recipe
 
     _check_task(task)
     config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
-                         out=out or default_out(recipe, task))
+                         out=out or default_out(recipe, env or task))
+    if env is not None:  # --env: the environment of a multi-turn recipe (recipe.data=episodes)
+        config = apply_overrides(config, {"env": env}, parse=False)
     config = apply_overrides(config, parse_overrides(overrides))
     if pairs is not None:  # --data: the preference pairs (recipe.data=pairs)
         config = apply_overrides(config, {"pairs": pairs}, parse=False)
@@ -194,6 +197,8 @@ def config_from_file(ctx: typer.Context, path: str, overrides: list[str]):
     config = apply_overrides(config, parse_overrides(overrides))
     if ctx.params.get("data") is not None:  # --data: the preference pairs (recipe.data=pairs)
         config = apply_overrides(config, {"pairs": ctx.params["data"]}, parse=False)
+    if ctx.params.get("env") is not None:  # --env: the environment of a multi-turn recipe
+        config = apply_overrides(config, {"env": ctx.params["env"]}, parse=False)
     if config.out is None:
         config = apply_overrides(config, {"out": default_out(config.recipe.name, config.task)}, parse=False)
     _check_task(config.task)
@@ -247,6 +252,9 @@ def train(
     data: Optional[str] = typer.Option(
         None, "--data", help="Preference pairs for an offline pair recipe (dpo, ipo, ...): a JSONL file (prompt, "
                              "chosen, rejected), a .json/.parquet file, a save_to_disk folder or a hub id."),
+    env: Optional[str] = typer.Option(
+        None, "--env", help="Environment of a multi-turn recipe (multiturn_grpo, mt_grpo): guess_number, "
+                            "calculator (unipo.envs); its episodes replace the task's prompts."),
 ) -> None:
     """Train with any recipe.
 
@@ -292,7 +300,7 @@ def train(
                 config = config_from_file(ctx, config_file, ctx.args)
             else:
                 config = build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args,
-                                      pairs=data)
+                                      pairs=data, env=env)
             trainer = start_run(config, overwrite=overwrite)
         _fit_and_report(trainer)
     except USER_ERRORS as err:
@@ -356,6 +364,56 @@ def sft(
         run_training(build_config("sft", task, model, steps, seed, out, ctx.args), resume=False)
     except USER_ERRORS as err:
         fail(user_error_message(err) or str(err))
+
+
+@app.command(name="rm")
+def reward_model(
+    data: str = typer.Option(..., help="Preference pairs: a JSONL file, a datasets file or folder, or a hub id."),
+    out: str = typer.Option(..., help="Folder to write the reward model to (used as rollout.reward=rm:FOLDER)."),
+    model: str = typer.Option("tiny", help="Backbone: 'tiny', a local folder or a hub id."),
+    steps: int = typer.Option(100, min=1, help="Optimizer steps."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    batch_size: int = typer.Option(16, min=1, help="Pairs per step."),
+    held_out: float = typer.Option(0.1, help="Fraction of the pairs held out for accuracy (seeded shuffle)."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Train a Bradley-Terry reward model (the causal LM + a scalar head) on preference pairs.
+
+    Reports pairwise accuracy on held-out pairs before and after. Use it as a reward for any RL recipe with
+    rollout.reward=rm:FOLDER[@WEIGHT] (added to the task verifier's reward), or as the judge of the preference
+    recipes with oracle=rm:FOLDER.
+    """
+    try:
+        if not 0.0 < held_out < 1.0:
+            fail(f"--held-out must be a fraction in (0, 1), got {held_out}")
+        if not 0.0 < lr < float("inf"):
+            fail(f"--lr must be a finite number > 0, got {lr}")
+        import random
+
+        import torch
+
+        from unipo.models import load_model
+        from unipo.pairs import load_pairs
+        from unipo.reward_model import RewardModel, pairwise_accuracy, save_reward_model, train_reward_model
+
+        pairs = list(load_pairs(data))
+        random.Random(seed).shuffle(pairs)
+        n_test = max(1, round(held_out * len(pairs)))
+        if len(pairs) - n_test < 1:
+            fail(f"{data}: {len(pairs)} pair(s) leave nothing to train on after holding out {n_test}")
+        test, train_pairs = pairs[:n_test], pairs[n_test:]
+        torch.manual_seed(seed)
+        backbone, tokenizer = load_model(model)
+        rm = RewardModel(backbone, seed=seed)
+        before = pairwise_accuracy(rm, tokenizer, test)
+        metrics = train_reward_model(rm, tokenizer, train_pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+        after = pairwise_accuracy(rm, tokenizer, test)
+        save_reward_model(rm, tokenizer, out)
+    except USER_ERRORS as err:
+        fail(user_error_message(err) or str(err))
+    typer.echo(f"{len(train_pairs)} training pairs, {len(test)} held out: pairwise accuracy {before:.3f} -> "
+               f"{after:.3f} (loss {metrics['rm/loss_first']:.3f} -> {metrics['rm/loss']:.3f}); reward model in {out} "
+               f"(rollout.reward=rm:{out})")
 
 
 @app.command(name="eval")

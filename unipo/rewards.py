@@ -1,4 +1,6 @@
-"""Reward functions as plain Python: `rollout.reward=MODULE:FUNCTION[@WEIGHT],...`.
+"""Reward functions as plain Python: `rollout.reward=MODULE:FUNCTION[@WEIGHT],...`, and reward models
+(`rm:FOLDER[@WEIGHT]`: a Bradley-Terry model `unipo rm` trained, scored in-process, its raw score times the weight
+added like a function's).
 
 Syntax. A comma-separated string (or a YAML list) of `MODULE:FUNCTION[@WEIGHT]`. MODULE is an importable dotted
 name (found on PYTHONPATH or in the current folder) or the path of a `.py` file; WEIGHT is a finite number (default
@@ -52,7 +54,9 @@ from unipo.tasks.base import Problem, Task, score_completions
 
 _SPEC = re.compile(r"(?P<module>[^@]+?):(?P<function>[A-Za-z_][A-Za-z0-9_]*)(?:@(?P<weight>[^@]*))?")
 _ROW_FIELDS = ("answer", "demonstration")
-SYNTAX = "MODULE:FUNCTION[@WEIGHT], comma-separated (e.g. myrewards:brevity@0.1,myrewards:style)"
+SYNTAX = ("MODULE:FUNCTION[@WEIGHT] or rm:FOLDER[@WEIGHT], comma-separated (e.g. myrewards:brevity@0.1,"
+          "rm:runs/my-rm)")
+RM = "rm"  # `rm:FOLDER`: a Bradley-Terry reward model saved by `unipo rm` (unipo.reward_model)
 
 
 @dataclass(frozen=True)
@@ -63,22 +67,34 @@ class RewardSpec:
     function: str
     weight: float = 1.0
 
+    @property
+    def is_reward_model(self) -> bool:
+        return self.module == RM
+
     @classmethod
     def parse(cls, text: Any) -> RewardSpec:
+        if isinstance(text, str) and text.strip().startswith(f"{RM}:"):
+            folder, _, weight = text.strip()[len(RM) + 1:].partition("@")
+            if not folder:
+                raise ValueError(f"rollout.reward entry {text!r}: rm: needs the reward model's folder (rm:FOLDER)")
+            return cls(RM, folder, _weight(text, weight) if weight else 1.0)
         if not isinstance(text, str) or not (match := _SPEC.fullmatch(text.strip())):
             raise ValueError(f"rollout.reward entry {text!r} is not {SYNTAX}")
-        weight = 1.0
-        if match["weight"] is not None:
-            try:
-                weight = float(match["weight"])
-            except ValueError:
-                weight = math.nan
-            if not math.isfinite(weight):
-                raise ValueError(f"rollout.reward entry {text!r}: the weight after '@' must be a finite number")
+        weight = 1.0 if match["weight"] is None else _weight(text, match["weight"])
         return cls(match["module"].strip(), match["function"], weight)
 
     def __str__(self) -> str:
         return f"{self.module}:{self.function}" + ("" if self.weight == 1.0 else f"@{self.weight!r}")
+
+
+def _weight(text: str, raw: str) -> float:
+    try:
+        weight = float(raw)
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise ValueError(f"rollout.reward entry {text!r}: the weight after '@' must be a finite number")
+    return weight
 
 
 def parse_reward_specs(value: Any) -> tuple[str, ...]:
@@ -98,8 +114,10 @@ def parse_reward_specs(value: Any) -> tuple[str, ...]:
 
 def reward_names(specs: Sequence[RewardSpec]) -> list[str]:
     """The metric name of each function: its name, or `module.function` where two modules give the same name."""
-    short = [spec.function for spec in specs]
-    names = [s.function if short.count(s.function) == 1 else f"{Path(s.module).stem}.{s.function}" for s in specs]
+    short = [RM if spec.is_reward_model else spec.function for spec in specs]
+    names = [name if short.count(name) == 1 else (f"{RM}.{Path(s.function).name}" if s.is_reward_model
+                                                   else f"{Path(s.module).stem}.{s.function}")
+             for name, s in zip(short, specs)]
     for name in names:
         if names.count(name) > 1:
             raise ValueError(f"rollout.reward lists {name!r} twice; give each function once (with its weight)")
@@ -170,9 +188,18 @@ def _import_root(module: Any, name: str) -> str | None:
 
 
 def check_reward_functions(specs: Sequence[str]) -> None:
-    """Import each function (preflight: before the model loads); one-line ValueError on the first that fails."""
+    """Import each function, and check each reward model's folder (preflight: before the model loads); one-line
+    ValueError on the first that fails."""
+    from unipo.reward_model import CONFIG_FILE
+
     for text in specs:
-        import_reward_function(RewardSpec.parse(text))
+        spec = RewardSpec.parse(text)
+        if spec.is_reward_model:
+            if not (Path(spec.function) / CONFIG_FILE).is_file():
+                raise ValueError(f"rollout.reward {text!r}: {spec.function} is not a reward model folder (no "
+                                 f"{CONFIG_FILE}; train one with `unipo rm --data PAIRS --out FOLDER`)")
+        else:
+            import_reward_function(spec)
 
 
 # -- scoring ------------------------------------------------------------------------------------------------------
@@ -243,9 +270,13 @@ class RewardFunctions:
     """The functions of `rollout.reward`, imported once; `score(problems, completions)` -> `UserRewards`."""
 
     def __init__(self, specs: Sequence[str], *, sandbox: Any | None = None) -> None:
+        from unipo.reward_model import RewardModelScorer
+
         self.specs = [RewardSpec.parse(text) for text in specs]
         self.names = reward_names(self.specs)
-        self.scorers = [SandboxedRewardFunction(spec) for spec in self.specs]
+        # A reward model is our own network scoring text: it runs in this process, no user code involved.
+        self.scorers = [RewardModelScorer(spec.function) if spec.is_reward_model else SandboxedRewardFunction(spec)
+                        for spec in self.specs]
         self.sandbox = sandbox  # None: the process-wide one
 
     def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> UserRewards:
@@ -254,6 +285,11 @@ class RewardFunctions:
         rows = [Problem(p.prompt, p.answer, p.demonstration, dict(p.meta or {})) for p in problems]
         out = UserRewards(total=[0.0] * n, skipped=[False] * n)
         for name, spec, scorer in zip(self.names, self.specs, self.scorers):
+            if spec.is_reward_model:  # raw Bradley-Terry scores: only their differences mean anything
+                values = scorer([p.prompt for p in rows], list(completions))
+                out.errors[name], out.sums[name], out.counts[name] = 0, sum(values), n
+                out.total = [t + spec.weight * v for t, v in zip(out.total, values)]
+                continue
             result = score_completions(scorer, rows, completions, sandbox=self.sandbox)
             out.errors[name] = result.errors + result.timeouts
             out.timeouts += result.timeouts
