@@ -57,7 +57,8 @@ def engines(rounds: int, use_vllm: bool) -> dict:
     out = OUT / "scale_engines.json"
     run = subprocess.run([python, str(HERE / "engine_speed.py"), "--repeats", str(max(3, rounds)), "--threads", "1",
                           "--out", str(out)], capture_output=True, text=True)
-    print(run.stdout)
+    # vLLM's own log lines (its warnings about this CPU set-up) are not the benchmark's output
+    print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("(MainProcess")))
     if run.returncode != 0:
         print(f"failed: {run.stderr.strip().splitlines()[-1:]}")
         return {"failed": run.stderr[-2000:]}

@@ -138,26 +138,27 @@ def test_spin_pairs_are_the_demonstration_then_an_own_sample():
     assert chosen.completion_ids[0, :len(ids)].tolist() == ids and int(chosen.completion_mask[0].sum()) == len(ids)
 
 
-def test_sppo_targets_are_the_win_rates_measured_on_the_samples():
-    trainer = Trainer(config_for("sppo"), progress=False)
-    collector, sampled = trainer.collector, []
-    original = collector._sample
+def _recorded_samples(collector) -> list:
+    """The collector's `_sample` results, recorded as it collects."""
+    sampled, original = [], collector._sample
 
     def recording(*args, **kwargs):
         sampled.append(original(*args, **kwargs))
         return sampled[-1]
 
     collector._sample = recording
-    batch, stats = collector.collect(seed=0, step=0)
+    return sampled
+
+
+def test_sppo_targets_are_the_win_rates_measured_on_the_samples():
+    trainer = Trainer(config_for("sppo"), progress=False)
+    sampled = _recorded_samples(trainer.collector)
+    batch, stats = trainer.collector.collect(seed=0, step=0)
     (rows,) = sampled
-    g, task = 4, ParityTask()
-    kept = 0
+    g, kept = 4, 0
     for i in range(len(rows) // g):
         texts = rows.texts[i * g:(i + 1) * g]
-        score = [task.score(None, t) for t in texts]
-        # by hand: P(y_a > y_b) = 1, 1/2, 0 by the task's scores; a sample's win rate = mean over the others
-        rates = [sum(1.0 if score[a] > score[b] else 0.5 if score[a] == score[b] else 0.0
-                     for b in range(g) if b != a) / (g - 1) for a in range(g)]
+        rates = _hand_win_rates(texts)
         if max(rates) == min(rates):
             continue
         pair = batch.rows((batch.group_ids == kept).nonzero().squeeze(1))
@@ -169,6 +170,7 @@ def test_sppo_targets_are_the_win_rates_measured_on_the_samples():
 
 
 def _hand_win_rates(texts: list[str]) -> list[float]:
+    """By hand: P(y_a > y_b) = 1, 1/2, 0 by the task's scores; a sample's win rate = its mean over the others."""
     score = [ParityTask().score(None, t) for t in texts]
     n = len(texts)
     return [sum(1.0 if score[a] > score[b] else 0.5 if score[a] == score[b] else 0.0 for b in range(n) if b != a)
@@ -180,15 +182,8 @@ def _hand_win_rates(texts: list[str]) -> list[float]:
 @pytest.mark.parametrize("margin", [0.0, 0.7])
 def test_dno_pairs_come_from_samples_and_the_demonstration_with_a_margin(margin):
     trainer = Trainer(config_for("dno", pair_min_margin=margin), progress=False)
-    collector, sampled = trainer.collector, []
-    original = collector._sample
-
-    def recording(*args, **kwargs):
-        sampled.append(original(*args, **kwargs))
-        return sampled[-1]
-
-    collector._sample = recording
-    batch, stats = collector.collect(seed=1, step=0)
+    sampled = _recorded_samples(trainer.collector)
+    batch, stats = trainer.collector.collect(seed=1, step=0)
     (rows,) = sampled
     g, kept, small = 4, 0, 0
     for i in range(len(rows) // g):

@@ -64,6 +64,12 @@ class RolloutBatch:
     prompts: list[str]  # the task prompt of each row (the key of per-prompt state)
     reward_errors: int = 0
     reward_timeouts: int = 0  # scorer calls that overran the reward sandbox's time limit (scored 0)
+    # multi-turn episodes (recipe.data=episodes, unipo.agents): one row per turn; None in a single-turn batch
+    episode_ids: torch.Tensor | None = None  # (B,) the row's episode
+    turn_index: torch.Tensor | None = None  # (B,) the row's turn in its episode, from 0
+    turn_rewards: torch.Tensor | None = None  # (B,) the environment's reward for that turn
+    episode_rewards: torch.Tensor | None = None  # (B,) the episode's final (outcome) reward
+    info_gain: torch.Tensor | None = None  # (B,) IGPO's information gain of the turn (when a slot asks for it)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -99,6 +105,8 @@ class RolloutBatch:
                 out[f.name] = torch.cat(values)
             elif isinstance(values[0], list):
                 out[f.name] = [x for v in values for x in v]
+            elif any(v is None for v in values):  # an episode field of a single-turn batch
+                out[f.name] = None
             else:
                 out[f.name] = sum(values)
         return RolloutBatch(**out)
@@ -117,11 +125,12 @@ class RolloutCollector:
     def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
                  *, max_new_tokens: int, device: torch.device, generator: torch.Generator,
                  shard: tuple[int, int] = (0, 1), engine=None, pairs: str | None = None,
-                 oracle: str = "task", reference=None) -> None:
+                 oracle: str = "task", reference=None, env: str | None = None) -> None:
         self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
         # pair sources: the offline pairs' source (loaded on first use) and the preference oracle's spec
         self.pairs_source, self.oracle_spec = pairs, oracle
         self.reference = reference  # nash_md: the mixture's other model
+        self.env = env  # recipe.data=episodes: the environment's name (unipo.envs)
         self._pairs = None
         self._oracle = None
         self._tied = 0  # prompts whose samples all tied this step (no pair)
@@ -151,6 +160,10 @@ class RolloutCollector:
         self._reward_timeouts = 0
         self._user_stats = {}
         self._tied, self._small_margin, self._sampled = 0, 0, []
+        if self.recipe.data == "episodes":  # multi-turn episodes against an environment (unipo.agents)
+            from unipo.agents import collect_episodes
+
+            return collect_episodes(self, seed=seed, step=step)
         if self.recipe.data == "pairs":
             return self._offline_pairs(seed, step, want_all)
         kept: list[RolloutBatch] = []

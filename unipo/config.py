@@ -23,7 +23,8 @@ import yaml
 PAIR_SOURCES = ("pairs", "online_pairs", "spin", "self_play")
 # nash_md: the policy's samples, each rewarded with the oracle's P(sample > a sample of the geometric mixture of the
 # policy and the reference) (Nash-MD, arXiv 2312.00886; unipo.mixture)
-DATA_SOURCES = ("on_policy", "mixed", "expert", *PAIR_SOURCES, "nash_md")
+# episodes: multi-turn episodes against the environment TrainConfig.env, one row per turn (unipo.agents)
+DATA_SOURCES = ("on_policy", "mixed", "expert", *PAIR_SOURCES, "nash_md", "episodes")
 REFERENCE_UPDATES = ("none", "soft", "hard")
 SCHEDULES = ("constant", "cosine", "linear")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -391,6 +392,9 @@ class TrainConfig:
     # reference (unipo.oracles): "task" (the task's verifier),
     # "rm:<path>" (a reward model saved by unipo.reward_model), "module:function" (user code)
     oracle: str = "task"
+    # the environment of a multi-turn recipe (recipe.data=episodes; `unipo train --env NAME`, unipo.envs): its
+    # episodes replace the task's prompts (the default for such a recipe: guess_number)
+    env: str | None = None
 
     def __post_init__(self) -> None:
         for key, kind in (("recipe", Recipe), ("rollout", RolloutConfig), ("optim", OptimConfig)):
@@ -435,6 +439,16 @@ class TrainConfig:
         from unipo.oracles import check_oracle_spec
 
         check_oracle_spec(self.oracle)
+        if self.recipe.data == "episodes" and self.env is None:
+            object.__setattr__(self, "env", "guess_number")
+        if self.env is not None:
+            from unipo.envs import get_env
+
+            if self.recipe.data != "episodes":
+                raise ValueError(f"env={self.env!r} is set, but recipe {self.recipe.name} is single-turn "
+                                 f"(recipe.data={self.recipe.data}; a multi-turn recipe has data=episodes)")
+            check_name("env", self.env)
+            get_env(self.env)  # ValueError listing the environments
         r, g = self.recipe, self.rollout.group_size
         if r.data in ("online_pairs", "self_play") and g < 2:
             raise ValueError(f"rollout.group_size={g}: recipe {r.name} judges pairs among each prompt's samples "

@@ -632,6 +632,42 @@ NASH_MD = _add(Recipe(
 ))
 
 
+# --- multi-turn agents (`unipo train --recipe multiturn_grpo --env guess_number`; unipo.agents, unipo.envs) --------
+
+MULTITURN_GRPO = _add(Recipe(
+    name="multiturn_grpo",
+    notes="Episodes against TrainConfig.env (default guess_number), rollout.group_size episodes per problem, one row per turn: the prompt is the conversation so far, the completion the model's action, so environment and tool tokens are never trained on (unipo.agents). Every turn of an episode gets its episode's outcome reward group-normalised over the problem's episodes (one value per episode, std unbiased + 1e-6): the trajectory-level baseline of MT-GRPO's paper (its GRPO-OR) and Search-R1's observation-masked GRPO (arXiv 2503.09516). The loss is GRPO's (PPO clip 0.2, mean over rows of token means: an episode of more turns weighs more, our choice). One optimizer step per batch; no KL.",
+    summary="multi-turn GRPO: each turn gets its episode's group-normalised outcome advantage",
+    paper="arXiv 2505.11821 (MT-GRPO paper's trajectory-level GRPO baseline, sec. 4)",
+    family="multi-turn",
+    data="episodes",
+    advantage="episode_outcome",
+    loss="ppo_clip",
+    loss_params={"eps_low": 0.2, "eps_high": 0.2},
+    aggregation="seq_mean_token_mean",
+))
+
+MT_GRPO = _add(dataclasses.replace(
+    MULTITURN_GRPO,
+    name="mt_grpo",
+    notes="As multiturn_grpo, with MT-GRPO's turn-level credit: every turn but an episode's last gets A^O + lambda * A^T (A^T: the turn's reward normalised over the group's episodes at the same turn index), the last turn A^O alone; lambda = 1 as in the paper. The paper's episodes have two turns (tool call, answer); the T-turn form is our generalisation (unipo.core.turns). The turn rewards are the environment's (guess_number: an informative guess; calculator: the tool call ran). The paper draws the group's second turns from a shared first turn (a tree); we sample G independent episodes.",
+    summary="multi-turn GRPO plus group-normalised turn-level rewards on the turns before the last",
+    paper="arXiv 2505.11821 (Reinforcing Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment, sec. 4)",
+    advantage="mt_grpo",
+    advantage_params={"turn_coef": 1.0},
+))
+
+IGPO = _add(dataclasses.replace(
+    MULTITURN_GRPO,
+    name="igpo",
+    notes="As multiturn_grpo, with IGPO's dense turn rewards: every turn but an episode's last is rewarded with its information gain, the rise in the policy's probability of the gold answer (exp of the mean log-prob of its tokens, as the model's next action) from the conversation before the turn to the one after it, computed by the collector in one no-grad forward over every turn's prompt; the last turn's reward is the outcome. The rewards are z-normalised over all turns of the group's episodes, then each turn's advantage is the sum of the normalised rewards from it on (gamma = 1). The normalisation set and gamma are our reading of the paper (not checked against released code).",
+    summary="information-gain turn rewards (the policy's rising belief in the gold answer) plus the outcome, normalised and summed",
+    paper="arXiv 2510.14967 (Information Gain-based Policy Optimization, sec. 3)",
+    advantage="igpo",
+    advantage_params={"gamma": 1.0},
+))
+
+
 def catalogue_markdown() -> str:
     """docs/recipes.md: every recipe's mechanism, paper, open choices and slots."""
     from unipo.config import Recipe, to_dict
@@ -654,5 +690,6 @@ def catalogue_markdown() -> str:
                  if k not in ("name", "summary", "paper", "family", "notes") and v != defaults[k]}
         lines += ["", "| slot | value |", "|---|---|"] + [f"| `{k}` | `{v}` |" for k, v in slots.items()]
         data = " --data pairs.jsonl" if r.data == "pairs" else ""
-        lines += ["", f"Run it: `unipo train --recipe {r.name}{data} --task addition`"]
+        where = "--env guess_number" if r.data == "episodes" else "--task addition"
+        lines += ["", f"Run it: `unipo train --recipe {r.name}{data} {where}`"]
     return "\n".join(lines) + "\n"

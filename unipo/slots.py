@@ -25,6 +25,7 @@ from unipo.core.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss
 from unipo.core.pairwise import PAIRWISE_LOSSES, is_pairwise  # (registers the preference losses)
 from unipo.core.registry import Registry
 from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.core.turns import EPISODE_INPUTS  # noqa: F401  (registers the multi-turn credit estimators)
 from unipo.critics import BASELINES
 from unipo.mixing import MIXERS
 
@@ -49,6 +50,13 @@ INPUTS: Mapping[str, str] = {
     "values": "[B, T] the value head's V(s_t) under pi_old",
     "baseline": "[B] SPO's per-prompt value from its Beta tracker",
     "ref_logp": "[B, T] log-probs under the frozen reference policy",
+    # multi-turn episodes, one row per turn (unipo.agents); a single-turn batch's rows are one-turn episodes
+    "episode_ids": "[B] the row's episode (a single-turn batch: the row itself)",
+    "turn_index": "[B] the row's turn in its episode, from 0 (single-turn: 0)",
+    "turn_rewards": "[B] the environment's reward for the row's turn (single-turn: the row's reward)",
+    "episode_rewards": "[B] the row's episode's final (outcome) reward (single-turn: the row's reward)",
+    "info_gain": "[B] IGPO's information gain of the turn: the rise in pi's probability of the gold answer "
+                 "(computed only for a recipe that declares it; single-turn: 0)",
 }
 
 # Keyword arguments every function of a registry takes from the caller (not params, not declared inputs).
@@ -142,6 +150,11 @@ def _synthetic_inputs(expert_rows: bool) -> tuple[dict[str, Any], torch.Tensor, 
         "entropy": torch.rand(rows, width, generator=gen) * mask, "values": torch.zeros(rows, width),
         "baseline": torch.full((rows,), 0.5), "ref_logp": logp - 0.1 * mask,
         "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
+        # two episodes per group: rows (0, 1) and (3, 4) are turns 0 and 1 of one episode each
+        "episode_ids": torch.tensor([0, 0, 1, 2, 2, 3]), "turn_index": torch.tensor([0, 1, 0, 0, 1, 0]),
+        "turn_rewards": torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]),
+        "episode_rewards": torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
+        "info_gain": torch.tensor([0.25, 0.0, 0.0, -0.1, 0.0, 0.0]),
     }
     rewards = inputs["rewards"]
     group_ids = torch.tensor([0, 0, 0, 1, 1, 1])

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
+from unipo.agents import episode_input
 from unipo.collect import RolloutBatch, RolloutCollector
 from unipo.config import PAIR_SOURCES, TrainConfig
 from unipo.core.advantages import compute_advantages
 from unipo.core.correction import rollout_correction
 from unipo.core.preference import hard_update_due, soft_update_reference
 from unipo.core.selection import compute_selection
+from unipo.core.turns import EPISODE_INPUTS
 from unipo.critics import BASELINES, ValueHead
 from unipo.distributed import Parallel, from_environment, gather_batch
 from unipo.engine import build_engine, logprob_mismatch
@@ -98,7 +100,8 @@ class Trainer:
                                           max_new_tokens=self.max_new_tokens, device=self.device,
                                           generator=self.generator,
                                           shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine,
-                                          pairs=config.pairs, oracle=config.oracle, reference=self.reference)
+                                          pairs=config.pairs, oracle=config.oracle, reference=self.reference,
+                                          env=config.env)
         self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
                                    optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
                                    value_head=self.value_head, max_len=self.max_new_tokens,
@@ -286,6 +289,8 @@ class Trainer:
             "entropy": lambda: behaviour["entropy"],
             "values": lambda: behaviour["values"],
             "baseline": lambda: self.tracker.baseline(batch.prompts, self.device),  # SPO's tracker
+            # multi-turn episodes (unipo.agents): one row per turn; a single-turn row is a one-turn episode
+            **{name: (lambda name=name: episode_input(batch, name)) for name in EPISODE_INPUTS},
         }
         # ref_logp is computed once per step by the update plan (only when there is something to learn).
         inputs = {name: providers[name]() for name in sorted(needed - {"ref_logp"})}
@@ -417,7 +422,7 @@ class Trainer:
         cfg = self.config
         if self.run:
             self.run.lock()  # held since start_run/resume_run; taken here for a trainer built another way
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.recipe.name} on {cfg.task}",
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.recipe.name} on {cfg.env or cfg.task}",
                    disable=not (self.progress and self.parallel.is_main), dynamic_ncols=True, leave=False)
         try:
             while self.step < cfg.steps:
@@ -451,7 +456,11 @@ class Trainer:
 
         result = None
         with self.parallel.full_weights(self.model):  # rank 0 evaluates; the others wait for its numbers
-            if self.parallel.is_main:
+            if self.parallel.is_main and self.recipe.data == "episodes":  # success, env/ metrics, transcripts
+                from unipo.agents import evaluate_episodes
+
+                result = evaluate_episodes(self, n or self.config.eval_problems)
+            elif self.parallel.is_main:
                 result = evaluate_model(self.model, self.tokenizer, self.task, n=n or self.config.eval_problems,
                                         ks=ks, seed=self.config.seed, max_new_tokens=self.max_new_tokens,
                                         temperature=self.config.rollout.temperature)
@@ -600,7 +609,7 @@ def resume_run(out: str, *, steps: int | None = None, progress: bool = True,
             if steps is not None:
                 config = dataclasses.replace(config, steps=steps)
             run.remove_stale()
-            for name in ("metrics.jsonl", "eval.jsonl"):
+            for name in ("metrics.jsonl", "eval.jsonl", "transcripts.jsonl"):  # (transcripts: episode recipes)
                 run.repair_log(name)
             skipped: list[str] = []
             checkpoint = run.latest_checkpoint(skipped)
@@ -639,6 +648,7 @@ def resume_run(out: str, *, steps: int | None = None, progress: bool = True,
         if parallel.is_main:
             run.truncate_after("metrics.jsonl", trainer.step)
             run.truncate_after("eval.jsonl", trainer.step)
+            run.truncate_after("transcripts.jsonl", trainer.step)
     except BaseException:
         if parallel.is_main:
             run.unlock()

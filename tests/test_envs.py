@@ -1,0 +1,100 @@
+"""Environments and tools (unipo.envs): the built-in games, strict tool-call parsing, and every tool failure giving
+its documented observation and count while the episode goes on."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.agent_tools import TOOLS as TEST_TOOLS
+from unipo.envs import ENVIRONMENTS, get_env
+from unipo.envs.games import Calculator, GuessNumber
+from unipo.envs.tools import ToolCallError, ToolRunner, calc, parse_call
+
+
+def replay(env_cls, problem, actions):
+    env = env_cls()
+    env.reset(problem)
+    steps = [env.step(a) for a in actions]
+    return env, steps
+
+
+@pytest.mark.parametrize("name", ["guess_number", "calculator"])
+def test_every_demonstration_solves_its_problem_within_the_turn_limit(name):
+    env_cls = get_env(name)
+    assert name in ENVIRONMENTS
+    for problem in env_cls.sample(12, seed=3, split="train") + env_cls.sample(4, seed=3, split="test"):
+        actions = env_cls.demonstrate(problem)
+        env, steps = replay(env_cls, problem, actions)
+        assert len(actions) <= env_cls.max_turns and steps[-1][2], (problem, steps)
+        # each action and the episode fit the budgets in the tiny model's tokens (one per character, + EOS)
+        assert max(len(a) + 1 for a in actions) <= env_cls.max_action_tokens
+        assert sum(len(a) + 1 for a in actions) <= env_cls.max_episode_tokens
+        assert env.success() and env.outcome() == 1.0
+
+
+def test_guess_number_feedback_and_turn_rewards():
+    problem = GuessNumber.sample(1, seed=0)[0]
+    problem = type(problem)(prompt=problem.prompt, answer="5", demonstration=None, meta={"target": 5})
+    env, steps = replay(GuessNumber, problem, ["8", "no idea", "9", "3", "5"])
+    assert [s[0] for s in steps] == ["lower", "say a number", "lower", "higher", "correct"]
+    # informative = inside the interval still possible: 9 is not (8 already said lower)
+    assert [s[1] for s in steps] == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert [s[2] for s in steps] == [False] * 4 + [True]
+    assert GuessNumber.demonstrate(problem) == ["8", "4", "6", "5"]
+
+
+def test_calculator_must_go_through_the_tool():
+    problem = Calculator.sample(1, seed=1)[0]
+    env, steps = replay(Calculator, problem, [problem.answer])  # the right number, but no tool call
+    assert steps[0][2] and not env.success()
+    env, steps = replay(Calculator, problem, Calculator.demonstrate(problem))
+    assert steps[0][:3] == (f"= {problem.answer}", 1.0, False) and env.success()
+
+
+def test_tool_calls_are_parsed_strictly_never_evaluated():
+    tools = {"calc": calc}
+    assert parse_call('<tool>calc(expression="2+3")</tool>', tools).args == {"expression": "2+3"}
+    assert parse_call('x <tool_call>{"name": "calc", "arguments": {"expression": "1"}}</tool_call>', tools).name == \
+        "calc"
+    for text, kind in [('<tool>calc(expression=__import__("os").getcwd())</tool>', "malformed"),
+                       ("<tool>calc(expression=\"1\"</tool>", "malformed"),
+                       ('<tool>calc("1")</tool>', "malformed"),  # positional: only key=value
+                       ("<tool_call>{name: calc}</tool_call>", "malformed"),
+                       ("no call here", "malformed"),
+                       ('<tool>calc(expression=1)</tool>', "arguments"),
+                       ('<tool>calc(expr="1")</tool>', "arguments"),
+                       ('<tool>rm(path="/")</tool>', "unknown")]:
+        with pytest.raises(ToolCallError) as caught:
+            parse_call(text, tools)
+        assert caught.value.kind == kind, text
+    assert calc("7*(2+3)-4//3") == 34
+    with pytest.raises(ValueError):
+        calc("2**99999")  # no powers: nothing unbounded
+
+
+def test_each_tool_failure_gives_its_observation_and_count_and_the_episode_goes_on(tmp_path):
+    target = tmp_path / "written.txt"
+    runner = ToolRunner(TEST_TOOLS, timeout_s=1.0)
+    try:
+        env = Calculator(runner=runner)
+        problem = Calculator.sample(1, seed=2)[0]
+        env.reset(problem)
+        cases = [
+            ("<tool>add(a=1, b=</tool>", "tool error: malformed call (syntax error)"),
+            ("<tool>mul(a=1, b=2)</tool>", "tool error: unknown tool mul (tools: add, boom, scribble, sleepy, words)"),
+            ('<tool>add(a="1", b=2)</tool>', "tool error: bad arguments for add (a must be int)"),
+            ("<tool>boom(x=3)</tool>", "tool error: boom raised an exception"),
+            ("<tool>words(n=3)</tool>", "tool error: words returned no number"),
+            ("<tool>sleepy(seconds=30.0)</tool>", "tool error: sleepy timed out"),
+            (f'<tool>scribble(path="{target}")</tool>', "tool error: scribble was stopped by the sandbox"),
+        ]
+        for action, observation in cases:
+            seen, reward, done, info = env.step(action)
+            assert (seen, reward, done, info) == (observation, 0.0, False, {"tool_errors": 1}), action
+        assert not target.exists()
+        # the episode goes on: a good call, then the answer
+        a, b = problem.meta["expression"].split("*")
+        assert env.step(f"<tool>add(a={a}, b={b})</tool>") == (f"= {int(a) + int(b)}", 1.0, False, {"tool_errors": 0})
+        assert env.step(problem.answer)[2] and env.success()
+    finally:
+        runner.close()

@@ -1,0 +1,252 @@
+"""Tools: plain Python functions with typed signatures, called by the model, run in the reward sandbox.
+
+A tool is a module-level function whose parameters are annotated `str`, `int`, `float` or `bool` and which returns
+a number, registered with `@register_tool` (name = the function's name, doc = its docstring). The model calls one
+in either of two formats, found anywhere in its action:
+
+    <tool>calc(expression="2+3")</tool>                                        the built-in format (tiny model)
+    <tool_call>{"name": "calc", "arguments": {"expression": "2+3"}}</tool_call>  the JSON tool-call format of
+                                                                                 chat templates (Qwen2.5, Hermes)
+
+Arguments are parsed strictly, never evaluated: the first format through `ast.parse` of one call whose arguments
+are literals (`ast.literal_eval` of each), the second through `json.loads`; each value must match its parameter's
+annotation (an int is accepted for a float), every parameter without a default must be given, no unknown names.
+
+The call itself runs in a reward-sandbox worker (`unipo.sandbox.RewardSandbox`: rlimits, seccomp, the audit hook,
+a wall-clock limit, `ToolRunner(timeout_s=...)`), never in the training process: tool code and the arguments the
+model wrote only meet there. The sandbox answers with one float64 per call, so a tool returns a number (a
+text-returning tool needs a text channel in the sandbox protocol: not built yet).
+
+What the model reads back (`ToolResult.observation`), and what counts as a tool error (`env/tool_errors`):
+
+| case                                         | observation                                      | error     |
+|----------------------------------------------|--------------------------------------------------|-----------|
+| ok                                           | `= <value>` (an integral value without `.0`)     | none      |
+| no call, bad syntax, a non-literal argument  | `tool error: malformed call (<why>)`             | malformed |
+| a name that is not a tool                    | `tool error: unknown tool <name> (tools: a, b)`  | unknown   |
+| wrong argument names or types                | `tool error: bad arguments for <name> (<why>)`   | arguments |
+| the tool raised                              | `tool error: <name> raised an exception`         | raised    |
+| the tool returned something not a number     | `tool error: <name> returned no number`          | raised    |
+| it ran past the time limit                   | `tool error: <name> timed out`                   | timeout   |
+| it did what the sandbox forbids (writing a   | `tool error: <name> was stopped by the sandbox`  | forbidden |
+| file, a subprocess, ...) or crashed          |                                                  |           |
+
+The episode goes on after every error: the observation is the environment's answer for that turn.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from unipo.core.registry import Registry
+from unipo.tasks.base import Problem, Task
+
+TOOLS: Registry[Callable[..., float]] = Registry("tool")
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, str: str, int: int, float: float, bool: bool}
+_BUILTIN = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
+_JSON = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_RAISED, _NOT_A_NUMBER = math.inf, -math.inf  # the sandboxed wrapper's codes (a tool's own value is finite)
+
+
+def register_tool(fn: Callable[..., float]) -> Callable[..., float]:
+    """Register a module-level function as a tool (its parameters must be annotated str, int, float or bool)."""
+    for param in inspect.signature(fn).parameters.values():
+        if param.annotation not in _TYPES or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            raise ValueError(f"tool {fn.__name__}: parameter {param.name} must be a named str, int, float or bool")
+    return TOOLS.register(fn.__name__)(fn)
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    args: dict[str, Any]
+
+
+class ToolCallError(ValueError):
+    """A call that cannot run: `kind` is malformed, unknown or arguments; the message is the observation."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def find_call(text: str) -> str | None:
+    """The first tool call's body in `text` (either format), or None when the text calls no tool."""
+    match = _BUILTIN.search(text) or _JSON.search(text)
+    return match.group(0) if match else None
+
+
+def parse_call(text: str, tools: dict[str, Callable[..., float]]) -> ToolCall:
+    """The tool call in `text`, checked against `tools`' signatures; ToolCallError otherwise."""
+    builtin, as_json = _BUILTIN.search(text), _JSON.search(text)
+    if builtin:
+        name, args = _parse_builtin(builtin.group(1).strip())
+    elif as_json:
+        name, args = _parse_json(as_json.group(1).strip())
+    else:
+        raise ToolCallError("malformed", "tool error: malformed call (no <tool>...</tool>)")
+    if name not in tools:
+        raise ToolCallError("unknown", f"tool error: unknown tool {name} (tools: {', '.join(sorted(tools))})")
+    return ToolCall(name, _check_args(name, tools[name], args))
+
+
+def _parse_builtin(body: str) -> tuple[str, dict[str, Any]]:
+    try:
+        tree = ast.parse(body, mode="eval")
+    except SyntaxError:
+        raise ToolCallError("malformed", "tool error: malformed call (syntax error)") from None
+    call = tree.body
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args or any(
+            k.arg is None for k in call.keywords):
+        raise ToolCallError("malformed", "tool error: malformed call (want name(key=value, ...))")
+    args = {}
+    for keyword in call.keywords:
+        try:
+            args[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, SyntaxError, TypeError):
+            raise ToolCallError("malformed", f"tool error: malformed call ({keyword.arg} is not a literal)") from None
+    return call.func.id, args
+
+
+def _parse_json(body: str) -> tuple[str, dict[str, Any]]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ToolCallError("malformed", "tool error: malformed call (not JSON)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(
+            data.get("arguments", {}), dict):
+        raise ToolCallError("malformed", "tool error: malformed call (want {\"name\": ..., \"arguments\": {...}})")
+    return data["name"], dict(data.get("arguments", {}))
+
+
+def _check_args(name: str, fn: Callable[..., float], args: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(args) - set(params))
+    missing = [p for p in params if p not in args and params[p].default is inspect.Parameter.empty]
+    if unknown or missing:
+        why = f"unknown {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+        raise ToolCallError("arguments", f"tool error: bad arguments for {name} ({why})")
+    for key, value in args.items():
+        want = _TYPES[params[key].annotation]
+        ok = type(value) is want or (want is float and type(value) is int)
+        if not ok:
+            raise ToolCallError("arguments", f"tool error: bad arguments for {name} ({key} must be {want.__name__})")
+    return args
+
+
+# -- running in the sandbox ------------------------------------------------------------------------------------
+class ToolTask(Task):
+    """The sandbox's view of tool calls: `score(problem, _)` runs `problem.meta`'s call and returns its value
+    (any float: `check_score` lets every non-NaN float through; inf / -inf are this wrapper's codes for a tool
+    that raised / returned no number). Holds the functions by reference, so a worker imports their module."""
+
+    name = "tool_call"
+    max_new_tokens = 0
+    scorer_is_safe = False
+    # No warm-up: a sandbox worker warms a task up by scoring the first problem of its first chunk *before* it
+    # confines itself (fine for a task's gold answer); here the problem holds the model's arguments.
+    warm_up = False
+
+    def __init__(self, tools: dict[str, Callable[..., float]]) -> None:
+        self.tools = dict(tools)
+
+    def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
+        raise NotImplementedError("a tool call is not a task to train on")
+
+    def score(self, problem: Problem, completion: str) -> float:
+        try:
+            value = self.tools[problem.meta["tool"]](**problem.meta["args"])
+        except Exception:  # noqa: BLE001 - any exception of the tool is the model's information, not ours
+            return _RAISED
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return _NOT_A_NUMBER
+        return float(value)
+
+    def check_score(self, value: object) -> float:
+        number = float(value)  # type: ignore[arg-type]
+        if math.isnan(number):
+            raise ValueError("a tool call returned NaN")
+        return number
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    observation: str
+    error: str | None = None  # None, malformed, unknown, arguments, raised, timeout or forbidden
+    value: float | None = None
+
+
+class ToolRunner:
+    """Runs the tool call in a model's action in a reward sandbox of its own (one worker, `timeout_s` per call)."""
+
+    def __init__(self, tools: dict[str, Callable[..., float]] | None = None, *, timeout_s: float = 2.0) -> None:
+        self.tools = dict(tools if tools is not None else TOOLS)
+        self.task = ToolTask(self.tools)
+        self.timeout_s = timeout_s
+        self._sandbox = None
+
+    def sandbox(self):
+        if self._sandbox is None:
+            from unipo.sandbox import RewardSandbox
+
+            self._sandbox = RewardSandbox(1, timeout_s=self.timeout_s, memory_mb=512)
+        return self._sandbox
+
+    def __call__(self, action: str) -> ToolResult:
+        try:
+            call = parse_call(action, self.tools)
+        except ToolCallError as error:
+            return ToolResult(str(error), error.kind)
+        problem = Problem(prompt=call.name, answer="", demonstration=None, meta={"tool": call.name, "args": call.args})
+        result = self.sandbox().score(self.task, [problem], [""])
+        if result.timeouts:
+            return ToolResult(f"tool error: {call.name} timed out", "timeout")
+        if result.errors:
+            return ToolResult(f"tool error: {call.name} was stopped by the sandbox", "forbidden")
+        value = result.rewards[0]
+        if value == _RAISED:
+            return ToolResult(f"tool error: {call.name} raised an exception", "raised")
+        if value == _NOT_A_NUMBER:
+            return ToolResult(f"tool error: {call.name} returned no number", "raised")
+        shown = str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+        return ToolResult(f"= {shown}", None, value)
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
+
+
+# -- built-in tools --------------------------------------------------------------------------------------------
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+
+@register_tool
+def calc(expression: str) -> float:
+    """The value of an arithmetic expression over numbers with + - * / // % and parentheses (no powers, no names).
+
+    >>> calc("2+3*4")
+    14
+    """
+    if len(expression) > 200:
+        raise ValueError("expression longer than 200 characters")
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"unsupported expression element {type(node).__name__}")
+
+    return value(ast.parse(expression, mode="eval").body)
