@@ -376,6 +376,9 @@ class TrainConfig:
     # under torchrun: "ddp" (every rank holds the whole model) or "fsdp" (FSDP2 shards weights, gradients and
     # AdamW's moments over the ranks); ignored in one process. docs/scaling.md
     parallel: str = "ddp"
+    # a system message before every prompt (a system turn through the chat template; without one, its text and a
+    # blank line before the prompt): unipo.tasks.base.SystemPrompted
+    system_prompt: str | None = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_every: int = 0  # 0: only at the end
@@ -417,6 +420,8 @@ class TrainConfig:
         check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         check_bool("gradient_checkpointing", self.gradient_checkpointing)
         check_choice("parallel", self.parallel, PARALLEL_MODES)
+        if self.system_prompt is not None:
+            check_name("system_prompt", self.system_prompt)
         if self.parallel == "fsdp" and (self.lora is not None or self.recipe.value_coef > 0):
             what = "a LoRA adapter" if self.lora is not None else "a value head (recipe.value_coef > 0)"
             raise ValueError(f"parallel=fsdp does not shard {what} yet; use parallel=ddp")

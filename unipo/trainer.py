@@ -40,7 +40,7 @@ from unipo.models import load_model, pick_device
 from unipo.rollout import policy_logprobs
 from unipo.runs import RunFolder
 from unipo.slots import recipe_inputs, slot_choices
-from unipo.tasks.base import get_task
+from unipo.tasks.base import SystemPrompted, get_task
 from unipo.update import PolicyUpdate
 
 PREFERENCE_DATA = (*PAIR_SOURCES, "nash_md")  # recipes whose evaluation adds the win rate against the reference
@@ -78,6 +78,8 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.task = get_task(config.task)
+        if config.system_prompt:
+            self.task = SystemPrompted(self.task, config.system_prompt)
         self.max_new_tokens = config.rollout.max_new_tokens or self.task.max_new_tokens
         self.reference = self._frozen_copy(model) if self.recipe.needs_reference else None  # a replica per rank
         self.value_head = (ValueHead(model.config.hidden_size).to(self.device)

@@ -17,6 +17,7 @@ in a pool of resource-limited worker processes, never in the training process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -81,6 +82,36 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, max_new_tokens={self.max_new_tokens})"
+
+
+class SystemPrompted(Task):
+    """`task` with a system message before every prompt (`TrainConfig.system_prompt`): a tokenizer with a chat
+    template gets a system turn before the conversation; one without sees the system text, a blank line, then the
+    prompt. Scoring, budgets and everything else are the task's own."""
+
+    def __init__(self, task: Task, system: str) -> None:
+        self.task, self.system = task, system
+        self.name, self.max_new_tokens, self.scorer_is_safe = task.name, task.max_new_tokens, task.scorer_is_safe
+
+    def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
+        from unipo.tasks.hf import Conversation
+
+        def prompted(prompt: str) -> str:
+            turns = getattr(prompt, "messages", None) or ({"role": "user", "content": prompt},)
+            return Conversation([{"role": "system", "content": self.system}, *turns])
+
+        return [dataclasses.replace(p, prompt=prompted(p.prompt)) for p in self.task.sample(n, seed=seed, split=split)]
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return self.task.score(problem, completion)
+
+    def check_score(self, value: object) -> float:
+        return self.task.check_score(value)
+
+    def __getattr__(self, name: str):  # the task's other attributes (demonstrations, parameters)
+        if name == "task":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
 
 
 class GeneratedTask(Task):
