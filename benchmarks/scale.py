@@ -158,7 +158,8 @@ def gpu(steps: int) -> dict:
         print("skipped: TRL is not installed (pip install trl==1.16.0; it is pure Python)")
         return {"skipped": "no trl"}
     run = subprocess.run([sys.executable, str(HERE / "vs_trl.py"), "--sizes", "0.5b", "--threads",
-                          str(os.cpu_count() or 1), "--steps", f"0.5b={steps}", "--no-bf16", "--no-write"],
+                          str(os.cpu_count() or 1), "--steps", f"0.5b={steps}", "--no-bf16", "--bf16-curve-steps", "0",
+                          "--no-write"],
                          capture_output=True, text=True)
     print(run.stdout[-6000:])
     return {"device": torch.cuda.get_device_name(0), "returncode": run.returncode, "stdout": run.stdout[-20000:],

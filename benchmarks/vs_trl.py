@@ -222,11 +222,12 @@ def notes(rows: list[dict], meta: dict) -> list[str]:
                      f"Python/dispatch ({prof['unipo']['python & dispatch']:.3f} s, profiler overhead included).")
     flags = _cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}) or ["none (AVX2 only)"]
+    bf16_rate, fp32_rate = meta["gemm_bf16_2threads"], meta["gemm_fp32"].get(2, 0)
+    verdict = (f"bf16 GEMMs run {bf16_rate / fp32_rate:.1f}x the fp32 rate here" if bf16_rate > fp32_rate
+               else f"bf16 GEMMs run at {bf16_rate / max(fp32_rate, 1e-9):.2f}x the fp32 rate here, slower")
     lines.append(f"- bf16: this CPU's bf16 matmul instructions: {', '.join(units)}. F.linear under bf16 autocast "
-                 f"runs at {meta['gemm_bf16_2threads']:.1f} GFLOP/s against {meta['gemm_fp32'].get(2, 0):.0f} in "
-                 f"fp32 at 2 threads, and the profile of the bf16 step is almost all GEMM: bf16 is slower here, "
-                 f"which is why the option is off by default. Its speed-up needs bf16 matmul units (AMX, "
-                 f"AVX512-BF16 or a GPU).")
+                 f"runs at {bf16_rate:.1f} GFLOP/s against {fp32_rate:.0f} in fp32 at 2 threads: {verdict} "
+                 f"(a speed-up needs bf16 matmul units: AMX, AVX512-BF16 or a GPU).")
     lines.append("- 2 threads need both cores: with one core busy (another process), every OpenMP region waits "
                  "for a descheduled thread and a step of either trainer gets 10-80x slower; these numbers were "
                  "taken on an idle machine (load average in the command line above).")
