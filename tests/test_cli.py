@@ -25,7 +25,8 @@ def run(*args: str):
     [
         (["train", "--recipe", "nope"], r"unknown recipe 'nope'; valid: .*grpo"),
         (["train", "--task", "nope"], r"unknown task 'nope'; valid: .*addition"),
-        (["train", "rollout.groupsize=4"], r"unknown config key 'rollout.groupsize'; valid: .*rollout.group_size"),
+        (["train", "rollout.groupsize=4"],
+         r"unknown config key 'rollout.groupsize' \(did you mean rollout.group_size\?\); valid: "),
         (["train", "notakeyvalue"], r"expected key=value"),
         (["train", "--model", "/nonexistent/model", "--steps", "1"], r"/nonexistent/model"),
         (["eval", "--model", "/nonexistent/model"], r"/nonexistent/model"),

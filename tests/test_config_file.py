@@ -77,7 +77,8 @@ def test_typed_options_and_key_values_override_the_file(tmp_path, started):
 @pytest.mark.parametrize("text, message", [
     ("steps: [1\n", r"run\.yaml: not valid YAML: .*\(line 2, column 1\)"),
     ("- steps\n", r"run\.yaml: expected a mapping of key: value at the top, got a list"),
-    ("rollout:\n  groupsize: 4\n", r"run\.yaml: unknown config key 'rollout\.groupsize'; valid: .*group_size"),
+    ("rollout:\n  groupsize: 4\n",
+     r"run\.yaml: unknown config key 'rollout\.groupsize' \(did you mean rollout\.group_size\?\); valid: "),
     ("stepz: 4\n", r"run\.yaml: unknown config key 'stepz'"),
     ("steps: four\n", r"run\.yaml: steps must be an int >= 1, got 'four'"),
     ("optim: {lr: -1}\n", r"run\.yaml: optim\.lr must be a finite number > 0, got -1"),

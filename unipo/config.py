@@ -601,14 +601,24 @@ def _parse_override(key: str, raw: Any) -> Any:
         raise ValueError(f"{key if key.isprintable() else repr(key)}: {error}") from None
 
 
+def _did_you_mean(key: str, keys: list[str]) -> str:
+    """" (did you mean X?)" for a key that is a field of another section (`reward` -> `rollout.reward`) or a near
+    miss of a valid key (`rollout.temprature` -> `rollout.temperature`); "" otherwise."""
+    import difflib
+
+    same_field = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    close = same_field or difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def _set(config: Any, data: dict[str, Any], path: list[str], raw: Any, full_key: str, prefix: str,
          parse: bool = True) -> None:
     """Put `raw`, parsed, at `path` in `data` (`config` as plain data), checking the key against `config`'s fields."""
     head, rest = path[0], path[1:]
     names = {f.name for f in fields(config)}
     if head not in names:
-        valid = ", ".join(config_keys(config, prefix))
-        raise ValueError(f"unknown config key {full_key!r}; valid: {valid}")
+        keys = config_keys(config, prefix)
+        raise ValueError(f"unknown config key {full_key!r}{_did_you_mean(full_key, keys)}; valid: {', '.join(keys)}")
     current = getattr(config, head)
     if dataclasses.is_dataclass(current):
         if not rest:
