@@ -38,12 +38,15 @@ CASES = {  # recipe -> optimizer steps per batch (their own settings otherwise):
     "high_entropy": 1,
     "luffy_paper": 1,
     "ppo": 1,
+    "mt_grpo": 2,  # multi-turn episodes (one row per turn; per-turn statistics over the group's episodes)
+    "epo": 1,  # EPO's entropy history: per-turn means over the global batch
 }
 
 
 def config_for(name: str, parallel: str) -> TrainConfig:
     recipe = dataclasses.replace(get_recipe(name), mini_batches=CASES[name], epochs=1)
-    return TrainConfig(recipe=recipe, task="sort", model="tiny", steps=4, seed=3, parallel=parallel,
+    env = "guess_number" if recipe.data == "episodes" else None
+    return TrainConfig(recipe=recipe, task="sort", model="tiny", steps=4, seed=3, parallel=parallel, env=env,
                        rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=12),
                        # micro-batches of 3 rows: ranks hold different numbers of them; no clipping, so the
                        # gradients compare as computed
@@ -73,9 +76,14 @@ def fixed_batch(config: TrainConfig) -> RolloutBatch:
     recipe = dataclasses.replace(config.recipe, dynamic_sampling=False)
     collector = RolloutCollector(model, tokenizer, get_task(config.task), recipe, config.rollout,
                                  max_new_tokens=config.rollout.max_new_tokens, device=torch.device("cpu"),
-                                 generator=torch.Generator().manual_seed(config.seed))
+                                 generator=torch.Generator().manual_seed(config.seed), env=config.env)
     batch, _ = collector.collect(seed=config.seed, step=0)
-    batch.rewards = torch.rand(len(batch), generator=torch.Generator().manual_seed(config.seed)).round(decimals=1)
+    random = torch.Generator().manual_seed(config.seed)
+    batch.rewards = torch.rand(len(batch), generator=random).round(decimals=1)
+    if batch.episode_ids is not None:  # an episode's rows share its outcome; each turn its own turn reward
+        batch.rewards = batch.rewards[batch.episode_ids]
+        batch.episode_rewards = batch.rewards.clone()
+        batch.turn_rewards = torch.rand(len(batch), generator=random).round(decimals=1)
     batch.correct = batch.rewards >= 0.7
     return batch
 

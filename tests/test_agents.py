@@ -226,7 +226,7 @@ def test_env_needs_a_multiturn_recipe():
 
     with pytest.raises(ValueError, match="recipe grpo is single-turn"):
         TrainConfig(recipe=get_recipe("grpo"), env="guess_number")
-    with pytest.raises(ValueError, match="unknown environment 'nope'; valid: calculator, guess_number"):
+    with pytest.raises(ValueError, match="unknown environment 'nope'; valid: calculator, frozen_lake, guess_number"):
         TrainConfig(recipe=get_recipe("mt_grpo"), env="nope")
 
 
@@ -272,3 +272,36 @@ def test_resume_drops_transcripts_written_after_the_checkpoint(tmp_path):
     assert again.exit_code == 0, again.output
     steps = [json.loads(line)["step"] for line in (out / "transcripts.jsonl").read_text().splitlines()]
     assert steps == [1, 1, 2, 2]
+
+
+def test_a_chat_template_is_given_the_tool_schemas_and_tool_results_as_tool_messages():
+    """With a chat template, an environment's tools reach the template as JSON schemas (from the tool's signature and
+    docstring) and a tool's result is a `tool` message; without one, the built-in format is unchanged."""
+    from unipo.agents import expert_episodes, tool_schemas
+    from unipo.envs.tools import register_tool
+    from unipo.models import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    plain = expert_episodes(tokenizer, Calculator, Calculator.sample(1, seed=0), 1)[0]
+    problem = plain.problem
+    assert tokenizer.decode(plain.turns[1].prompt_ids) == (
+        f'{problem.prompt}\n> {Calculator.demonstrate(problem)[0]}\n= {problem.answer}\n> ')
+    tokenizer.chat_template = (
+        "{% if tools %}[tools:{% for t in tools %} {{ t['function']['name'] }}({{ "
+        "t['function']['parameters']['required'] | join(',') }}): {{ t['function']['description'] }}{% endfor %}]\n"
+        "{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    episode = expert_episodes(tokenizer, Calculator, [problem], 1)[0]
+    schema = tool_schemas(("calc",))[0]["function"]
+    assert schema["parameters"]["properties"]["expression"]["type"] == "string"
+    call = Calculator.demonstrate(problem)[0]
+    assert tokenizer.decode(episode.turns[1].prompt_ids) == (
+        f"[tools: calc(expression): {schema['description']}]\n<user>{problem.prompt}\n<assistant>{call}\n"
+        f"<tool>= {problem.answer}\n<assistant>")
+    assert [t.observation_role for t in episode.turns] == ["tool", "user"]
+
+    def undocumented(x: int) -> float:
+        return float(x)
+
+    with pytest.raises(ValueError, match="tool undocumented: document it"):
+        register_tool(undocumented)

@@ -24,7 +24,7 @@ LAUNCH_TIMEOUT_S = 300
 # Gradients of N processes against one, relative to the largest gradient entry. float32 sums the same terms in
 # another order (and, with two optimizer steps, AdamW's first step amplifies that): measured up to 2.2e-5.
 TOLERANCE = 1e-4
-RECIPES = ("grpo", "dapo", "reinforce_pp", "high_entropy", "luffy_paper", "ppo")
+RECIPES = ("grpo", "dapo", "reinforce_pp", "high_entropy", "luffy_paper", "ppo", "mt_grpo", "epo")
 
 
 def _env() -> dict[str, str]:

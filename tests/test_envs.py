@@ -45,28 +45,57 @@ def test_guess_number_feedback_and_turn_rewards():
 
 def test_calculator_must_go_through_the_tool():
     problem = Calculator.sample(1, seed=1)[0]
+    a, b = problem.meta["expression"].split("*")
+    # the short positional call: what the tiny model learns to copy the factors into (docs/agents.md)
+    assert problem.prompt == f"What is {a}*{b}? Use calc." and problem.answer == str(int(a) * int(b))
+    assert Calculator.demonstrate(problem) == [f'<tool>calc("{a}*{b}")</tool>', problem.answer]
     env, steps = replay(Calculator, problem, [problem.answer])  # the right number, but no tool call
     assert steps[0][2] and not env.success()
+    # a call that ran, but the answer is not its value: the model's own arithmetic does not count
+    env, steps = replay(Calculator, problem, ['<tool>calc("2+3")</tool>', problem.answer])
+    assert steps[0][:3] == ("= 5", 1.0, False) and steps[1][:3] == ("wrong", 0.0, True) and not env.success()
     env, steps = replay(Calculator, problem, Calculator.demonstrate(problem))
-    assert steps[0][:3] == (f"= {problem.answer}", 1.0, False) and env.success()
+    assert steps[0][:3] == (f"= {problem.answer}", 1.0, False) and steps[1][:3] == ("correct", 1.0, True)
+    assert env.success()
+    # the keyword form is parsed as well; a failed call, then a good one, then the answer (3 turns)
+    env, steps = replay(Calculator, problem, ["<tool>calc(expression=1+)</tool>",
+                                              f'<tool>calc(expression="{b}*{a}")</tool>', f"it is {problem.answer}"])
+    assert [s[1] for s in steps] == [0.0, 1.0, 1.0] and env.success()
+
+
+def scale(x: float, by: int, *, offset: float = 0.0) -> float:  # a tool with a keyword-only parameter (parsing only)
+    return x * by + offset
 
 
 def test_tool_calls_are_parsed_strictly_never_evaluated():
-    tools = {"calc": calc}
+    tools = {"calc": calc, "scale": scale}
     assert parse_call('<tool>calc(expression="2+3")</tool>', tools).args == {"expression": "2+3"}
+    assert parse_call('<tool>calc("2+3")</tool>', tools).args == {"expression": "2+3"}  # positional, in order
+    assert parse_call("<tool>scale(1.5, by=2, offset=-1)</tool>", tools).args == {"x": 1.5, "by": 2, "offset": -1}
     assert parse_call('x <tool_call>{"name": "calc", "arguments": {"expression": "1"}}</tool_call>', tools).name == \
         "calc"
-    for text, kind in [('<tool>calc(expression=__import__("os").getcwd())</tool>', "malformed"),
-                       ("<tool>calc(expression=\"1\"</tool>", "malformed"),
-                       ('<tool>calc("1")</tool>', "malformed"),  # positional: only key=value
-                       ("<tool_call>{name: calc}</tool_call>", "malformed"),
-                       ("no call here", "malformed"),
-                       ('<tool>calc(expression=1)</tool>', "arguments"),
-                       ('<tool>calc(expr="1")</tool>', "arguments"),
-                       ('<tool>rm(path="/")</tool>', "unknown")]:
+    for text, kind, why in [
+            ('<tool>calc(expression=__import__("os").getcwd())</tool>', "malformed", "expression is not a literal"),
+            ('<tool>calc(__import__("os").getcwd())</tool>', "malformed", "argument 1 is not a literal"),
+            ("<tool>calc(37*24)</tool>", "malformed", "argument 1 is not a literal"),  # an expression, not a string
+            ('<tool>calc(*["1"])</tool>', "malformed", "want name(value, ..., key=value, ...)"),
+            ('<tool>calc(**{"expression": "1"})</tool>', "malformed", "want name(value, ..., key=value, ...)"),
+            ('<tool>calc(expression="1", "2")</tool>', "malformed", "syntax error"),  # positional after key=value
+            ("<tool>calc(expression=\"1\"</tool>", "malformed", "syntax error"),
+            ("<tool>calc(" + "-" * 100_000 + "1)</tool>", "malformed", "syntax error"),  # too deep for the parser
+            ("<tool_call>{name: calc}</tool_call>", "malformed", "not JSON"),
+            ("no call here", "malformed", "no <tool>...</tool>"),
+            ("<tool>calc(1)</tool>", "arguments", "expression must be str"),
+            ('<tool>calc(expression=1)</tool>', "arguments", "expression must be str"),
+            ('<tool>calc(expr="1")</tool>', "arguments", "unknown expr"),
+            ('<tool>calc("1", "2")</tool>', "arguments", "at most 1 positional"),
+            ('<tool>calc("1", expression="2")</tool>', "arguments", "expression given twice"),
+            ("<tool>scale(1.0, 2, 3.0)</tool>", "arguments", "at most 2 positional"),  # offset is keyword-only
+            ("<tool>scale(1.0)</tool>", "arguments", "missing by"),
+            ('<tool>rm("/")</tool>', "unknown", "tools: calc, scale")]:
         with pytest.raises(ToolCallError) as caught:
             parse_call(text, tools)
-        assert caught.value.kind == kind, text
+        assert caught.value.kind == kind and f"({why})" in str(caught.value), (text, str(caught.value))
     assert calc("7*(2+3)-4//3") == 34
     with pytest.raises(ValueError):
         calc("2**99999")  # no powers: nothing unbounded
@@ -74,27 +103,35 @@ def test_tool_calls_are_parsed_strictly_never_evaluated():
 
 def test_each_tool_failure_gives_its_observation_and_count_and_the_episode_goes_on(tmp_path):
     target = tmp_path / "written.txt"
-    runner = ToolRunner(TEST_TOOLS, timeout_s=1.0)
+    runner = ToolRunner({**TEST_TOOLS, "calc": calc}, timeout_s=1.0)
     try:
         env = Calculator(runner=runner)
         problem = Calculator.sample(1, seed=2)[0]
         env.reset(problem)
         cases = [
             ("<tool>add(a=1, b=</tool>", "tool error: malformed call (syntax error)"),
-            ("<tool>mul(a=1, b=2)</tool>", "tool error: unknown tool mul (tools: add, boom, scribble, sleepy, words)"),
+            ("<tool>add(1, 1+1)</tool>", "tool error: malformed call (argument 2 is not a literal)"),
+            ("<tool>mul(a=1, b=2)</tool>",
+             "tool error: unknown tool mul (tools: add, boom, calc, scribble, sleepy, words)"),
             ('<tool>add(a="1", b=2)</tool>', "tool error: bad arguments for add (a must be int)"),
-            ("<tool>boom(x=3)</tool>", "tool error: boom raised an exception"),
+            ("<tool>add(1, 2, 3)</tool>", "tool error: bad arguments for add (at most 2 positional)"),
+            ('<tool>calc("1/0")</tool>', "tool error: calc raised an exception"),
+            ("<tool>boom(3)</tool>", "tool error: boom raised an exception"),
             ("<tool>words(n=3)</tool>", "tool error: words returned no number"),
             ("<tool>sleepy(seconds=30.0)</tool>", "tool error: sleepy timed out"),
             (f'<tool>scribble(path="{target}")</tool>', "tool error: scribble was stopped by the sandbox"),
         ]
+        tool_role = {"observation_role": "tool"}  # (a chat template renders a tool's result as a tool turn)
         for action, observation in cases:
             seen, reward, done, info = env.step(action)
-            assert (seen, reward, done, info) == (observation, 0.0, False, {"tool_errors": 1}), action
+            assert (seen, reward, done, info) == (observation, 0.0, False, {"tool_errors": 1, **tool_role}), action
         assert not target.exists()
-        # the episode goes on: a good call, then the answer
+        # the episode goes on: good calls (the answer must be the value of one), then the answer
         a, b = problem.meta["expression"].split("*")
-        assert env.step(f"<tool>add(a={a}, b={b})</tool>") == (f"= {int(a) + int(b)}", 1.0, False, {"tool_errors": 0})
-        assert env.step(problem.answer)[2] and env.success()
+        assert env.step(f"<tool>add({a}, b={b})</tool>") == (f"= {int(a) + int(b)}", 1.0, False,
+                                                              {"tool_errors": 0, **tool_role})
+        assert env.step(f'<tool>calc("{a}*{b}")</tool>') == (f"= {problem.answer}", 1.0, False,
+                                                              {"tool_errors": 0, **tool_role})
+        assert env.step(problem.answer)[:3] == ("correct", 1.0, True) and env.success()
     finally:
         runner.close()

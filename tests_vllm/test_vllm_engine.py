@@ -230,3 +230,42 @@ def test_bf16_engine_follows_the_models_dtype(tiny):
         assert diff["rollout/logprob_diff_mean"] < 0.05 and diff["rollout/logprob_diff_max"] < 0.5
     finally:
         engine.close()
+
+
+def test_multi_turn_episodes_roll_out_through_vllm():
+    """Episodes (unipo.agents) through the vLLM engine: at the same weights, greedy episodes take the same actions
+    as with the native sampler (each turn's prompt is a new conversation prefix: prompts of every length in one
+    `generate` call), and a multi-turn GRPO run logs sampling log-probs equal to the trainer's own forward of the
+    model's action tokens (fp32) at every step."""
+    from unipo.agents import run_episodes
+    from unipo.config import OptimConfig, RolloutConfig, TrainConfig
+    from unipo.engine.native import NativeEngine
+    from unipo.envs.base import get_env
+    from unipo.recipes import get_recipe
+
+    config = TrainConfig(recipe=get_recipe("multiturn_grpo"), env="guess_number", model="tiny", steps=3, seed=0,
+                         rollout=RolloutConfig(prompts_per_step=4, group_size=4, engine="vllm"),
+                         optim=OptimConfig(lr=1e-2), eval_problems=4, save_every=0)
+    trainer = Trainer(config, progress=False)
+    try:
+        env_cls = get_env("guess_number")
+        problems = env_cls.sample(8, seed=1, split="test")
+
+        def actions(engine):
+            episodes = run_episodes(engine, trainer.tokenizer, env_cls, problems, 1,
+                                    max_new_tokens=env_cls.max_action_tokens, greedy=True)
+            return [[turn.action for turn in episode.turns] for episode in episodes]
+
+        before = actions(trainer.engine)
+        assert before == actions(NativeEngine(trainer.model))
+        history = trainer.fit()
+        trainer.engine.sync(trainer.model)
+        after = actions(trainer.engine)
+        assert after == actions(NativeEngine(trainer.model))
+        diffs = [h["rollout/logprob_diff_max"] for h in history]
+        print({"turns_mean": [h["env/turns_mean"] for h in history], "logprob_diff_max": diffs,
+               "greedy actions changed": after != before})
+        assert len(diffs) == 3 and max(diffs) < 1e-4
+        assert all(h["env/episodes"] == 16 for h in history)
+    finally:
+        trainer.engine.close()

@@ -52,6 +52,7 @@ class Turn:
     reward: float
     truncated: bool
     info_gain: float = 0.0  # IGPO's: p(gold | after this turn) - p(gold | before it); 0 unless asked for
+    observation_role: str = "user"  # "tool" when the observation is a tool's result (info["observation_role"])
 
 
 @dataclass
@@ -64,15 +65,22 @@ class Episode:
     success: bool = False
     tool_errors: int = 0
     expert: bool = False
+    tools: tuple[str, ...] = ()  # the tools the environment offers (`Environment.tools`), shown by a chat template
 
 
-def render(tokenizer, first_observation: str, actions: list[str], observations: list[str]) -> str:
-    """The conversation before the next action (see the module docstring)."""
+def render(tokenizer, first_observation: str, actions: list[str], observations: list[str], *,
+           roles: list[str] | None = None, tools: tuple[str, ...] = ()) -> str:
+    """The conversation before the next action (see the module docstring). With a chat template, observation i is a
+    message of role `roles[i]` ("user", or "tool" for a tool's result: templates such as Qwen2.5's wrap it in
+    their tool-response markup), and the template is given the JSON schemas of `tools` (its `tools=` argument:
+    the templates that support tools describe them and their call format to the model)."""
     if getattr(tokenizer, "chat_template", None):
+        roles = roles or ["user"] * len(observations)
         messages = [{"role": "user", "content": first_observation}]
-        for action, observation in zip(actions, observations):
-            messages += [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for action, observation, role in zip(actions, observations, roles):
+            messages += [{"role": "assistant", "content": action}, {"role": role, "content": observation}]
+        schemas = tool_schemas(tools) if tools else None
+        return tokenizer.apply_chat_template(messages, tools=schemas, tokenize=False, add_generation_prompt=True)
     text = first_observation
     for action, observation in zip(actions, observations):
         text += f"\n> {action}\n{observation}"
@@ -87,15 +95,25 @@ def run_episodes(engine, tokenizer, env_cls: type[Environment], problems: list[P
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, greedy: bool = False) -> list[Episode]:
     """`group_size` episodes of each problem (episode i * group_size + k: problem i), the model acting."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     envs, episodes = [], []
     for i, problem in enumerate(problems):
         for _ in range(group_size):
             env = env_cls()
-            episodes.append(Episode(problem, i, env.reset(problem)))
+            episodes.append(Episode(problem, i, env.reset(problem), tools=env_cls.tools))
             envs.append(env)
-    used = [0] * len(episodes)
+    return play_episodes(engine, tokenizer, env_cls, episodes, envs, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, generator=generator, greedy=greedy)
+
+
+def play_episodes(engine, tokenizer, env_cls: type[Environment], episodes: list[Episode], envs: list[Environment],
+                  *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, greedy: bool = False) -> list[Episode]:
+    """Play every episode on to its end (each still live: not done, under `max_turns` and its token budget),
+    `envs[i]` being episode i's environment after its turns so far (none yet, or a replayed prefix: `unipo.trees`);
+    then set each outcome and success."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    used = [sum(len(turn.completion_ids) for turn in episode.turns) for episode in episodes]
     live = list(range(len(episodes)))
     while live:
         prompts = [_encode(tokenizer, _conversation(tokenizer, episodes[i])) for i in live]
@@ -113,7 +131,8 @@ def run_episodes(engine, tokenizer, env_cls: type[Environment], problems: list[P
             observation, reward, done, info = envs[i].step(action)
             episode = episodes[i]
             episode.turns.append(Turn(prompts[row], ids, gen.sampling_logp[row, :n].float().tolist(), action,
-                                      observation, float(reward), bool(gen.truncated[row]) or cut))
+                                      observation, float(reward), bool(gen.truncated[row]) or cut,
+                                      observation_role=info.get("observation_role", "user")))
             episode.tool_errors += int(info.get("tool_errors", 0))
             used[i] += n
             if not (done or len(episode.turns) >= env_cls.max_turns or used[i] >= env_cls.max_episode_tokens):
@@ -131,12 +150,13 @@ def expert_episodes(tokenizer, env_cls: type[Environment], problems: list[Proble
     for i, problem in enumerate(problems):
         for _ in range(n):
             env = env_cls()
-            episode = Episode(problem, i, env.reset(problem), expert=True)
+            episode = Episode(problem, i, env.reset(problem), expert=True, tools=env_cls.tools)
             for action in env_cls.demonstrate(problem):
                 prompt = _encode(tokenizer, _conversation(tokenizer, episode))
                 observation, reward, done, info = env.step(action)
                 ids = _encode(tokenizer, action) + [eos]
-                episode.turns.append(Turn(prompt, ids, [0.0] * len(ids), action, observation, float(reward), False))
+                episode.turns.append(Turn(prompt, ids, [0.0] * len(ids), action, observation, float(reward), False,
+                                          observation_role=info.get("observation_role", "user")))
                 episode.tool_errors += int(info.get("tool_errors", 0))
                 if done:
                     break
@@ -147,7 +167,18 @@ def expert_episodes(tokenizer, env_cls: type[Environment], problems: list[Proble
 
 def _conversation(tokenizer, episode: Episode) -> str:
     return render(tokenizer, episode.first_observation, [t.action for t in episode.turns],
-                  [t.observation for t in episode.turns])
+                  [t.observation for t in episode.turns], roles=[t.observation_role for t in episode.turns],
+                  tools=episode.tools)
+
+
+def tool_schemas(names: tuple[str, ...]) -> list[dict]:
+    """The JSON schemas of registered tools (transformers' `get_json_schema`: from the signature's types and the
+    docstring's description and Args section), as chat templates take them."""
+    from transformers.utils import get_json_schema
+
+    from unipo.envs.tools import TOOLS
+
+    return [get_json_schema(TOOLS.get(name)) for name in names]
 
 
 @torch.no_grad()
@@ -209,7 +240,8 @@ def episodes_to_batch(episodes: list[Episode], tokenizer, device: torch.device, 
         episode_ids=column([e for e, *_ in rows], torch.long),
         turn_index=column([t for _, _, t, _ in rows], torch.long),
         turn_rewards=column([turn.reward for *_, turn in rows]), episode_rewards=episode_rewards,
-        info_gain=column([turn.info_gain for *_, turn in rows]))
+        info_gain=column([turn.info_gain for *_, turn in rows]),
+        references=[episode.problem.answer for _, episode, *_ in rows])
 
 
 def episode_stats(episodes: list[Episode]) -> dict[str, float]:

@@ -163,7 +163,7 @@ def build_config(recipe: str, task: str, model: str, steps: int, seed: int, out:
     _check_task(task)
     config = TrainConfig(recipe=get_recipe(recipe), task=task, model=model, steps=steps, seed=seed,
                          out=out or default_out(recipe, env or task))
-    if env is not None:  # --env: the environment of a multi-turn recipe (recipe.data=episodes)
+    if env is not None:  # --env: the environment of a multi-turn recipe (recipe.data=episodes or tree_episodes)
         config = apply_overrides(config, {"env": env}, parse=False)
     config = apply_overrides(config, parse_overrides(overrides))
     if pairs is not None:  # --data: the preference pairs (recipe.data=pairs)
@@ -253,7 +253,7 @@ def train(
         None, "--data", help="Preference pairs for an offline pair recipe (dpo, ipo, ...): a JSONL file (prompt, "
                              "chosen, rejected), a .json/.parquet file, a save_to_disk folder or a hub id."),
     env: Optional[str] = typer.Option(
-        None, "--env", help="Environment of a multi-turn recipe (multiturn_grpo, mt_grpo): guess_number, "
+        None, "--env", help="Environment of a multi-turn recipe (multiturn_grpo, mt_grpo, tree_grpo): guess_number, "
                             "calculator (unipo.envs); its episodes replace the task's prompts."),
 ) -> None:
     """Train with any recipe.

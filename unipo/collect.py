@@ -17,6 +17,9 @@ chosen first, with `group_ids` = `prompt_index` = the pair's index and `rewards`
 - `spin`: chosen = the task's demonstration, rejected = one own sample (SPIN, arXiv 2401.01335); targets 1 / 0;
 - `self_play`: as online_pairs, with the two samples' estimated win rates P(y > pi) (the mean of the oracle's
   P(y > y') over the other samples) as targets (SPPO, arXiv 2405.00675).
+- `turn_pairs`: the step's multi-turn episodes teach the recipe's critic (its stateful baseline, handed over by the
+  trainer); at each turn state the policy took, fresh candidate actions ranked by the critic give (higher, lower)
+  pairs; targets 1 / 0 (SWEET-RL, arXiv 2503.15478; `unipo.sweet`).
 For online_pairs and self_play, `recipe.pair_with_demonstration` adds the task's demonstration to each prompt's
 candidates (it may be chosen, or rejected, like any sample) and `recipe.pair_min_margin` drops pairs whose win
 rates differ by less (`rollout/small_margin_prompts`): DNO's practical algorithm (arXiv 2404.03715).
@@ -70,6 +73,10 @@ class RolloutBatch:
     turn_rewards: torch.Tensor | None = None  # (B,) the environment's reward for that turn
     episode_rewards: torch.Tensor | None = None  # (B,) the episode's final (outcome) reward
     info_gain: torch.Tensor | None = None  # (B,) IGPO's information gain of the turn (when a slot asks for it)
+    tree_ids: torch.Tensor | None = None  # (B,) recipe.data=tree_episodes: the search tree of the row's episode
+    # privileged training-time information of each row's problem (its gold answer): what a critic that sees more
+    # than the policy reads (SWEET-RL); never shown to the policy. Episode batches carry it; None elsewhere.
+    references: list[str] | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -125,12 +132,15 @@ class RolloutCollector:
     def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
                  *, max_new_tokens: int, device: torch.device, generator: torch.Generator,
                  shard: tuple[int, int] = (0, 1), engine=None, pairs: str | None = None,
-                 oracle: str = "task", reference=None, env: str | None = None) -> None:
+                 oracle: str = "task", reference=None, env: str | None = None, critic=None) -> None:
         self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
         # pair sources: the offline pairs' source (loaded on first use) and the preference oracle's spec
         self.pairs_source, self.oracle_spec = pairs, oracle
         self.reference = reference  # nash_md: the mixture's other model
-        self.env = env  # recipe.data=episodes: the environment's name (unipo.envs)
+        self.env = env  # recipe.data=episodes or tree_episodes: the environment's name (unipo.envs)
+        # the trainer's stateful baseline (unipo.critics): turn_pairs' critic learns from the step's episodes and
+        # ranks candidate actions during collection (unipo.sweet)
+        self.critic = critic
         self._pairs = None
         self._oracle = None
         self._tied = 0  # prompts whose samples all tied this step (no pair)
@@ -164,6 +174,14 @@ class RolloutCollector:
             from unipo.agents import collect_episodes
 
             return collect_episodes(self, seed=seed, step=step)
+        if self.recipe.data == "tree_episodes":  # the same, grown as search trees (unipo.trees)
+            from unipo.trees import collect_tree_episodes
+
+            return collect_tree_episodes(self, seed=seed, step=step)
+        if self.recipe.data == "turn_pairs":  # SWEET-RL's critic-ranked pairs of actions at turn states
+            from unipo.sweet import collect_turn_pairs
+
+            return collect_turn_pairs(self, seed=seed, step=step)
         if self.recipe.data == "pairs":
             return self._offline_pairs(seed, step, want_all)
         kept: list[RolloutBatch] = []

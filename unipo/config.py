@@ -19,12 +19,15 @@ from typing import Any
 import yaml
 
 # pair sources (unipo.collect): offline pairs (TrainConfig.pairs), judged pairs of fresh samples, SPIN's
-# (demonstration, own sample), SPPO's best/worst own samples with their estimated win rates
-PAIR_SOURCES = ("pairs", "online_pairs", "spin", "self_play")
+# (demonstration, own sample), SPPO's best/worst own samples with their estimated win rates; turn_pairs: SWEET-RL's
+# candidate actions at each turn state of the step's episodes, ranked by the recipe's critic (unipo.sweet)
+PAIR_SOURCES = ("pairs", "online_pairs", "spin", "self_play", "turn_pairs")
 # nash_md: the policy's samples, each rewarded with the oracle's P(sample > a sample of the geometric mixture of the
 # policy and the reference) (Nash-MD, arXiv 2312.00886; unipo.mixture)
-# episodes: multi-turn episodes against the environment TrainConfig.env, one row per turn (unipo.agents)
-DATA_SOURCES = ("on_policy", "mixed", "expert", *PAIR_SOURCES, "nash_md", "episodes")
+# episodes: multi-turn episodes against the environment TrainConfig.env, one row per turn (unipo.agents);
+# tree_episodes: the same, rolled out as Tree-GRPO's search trees of shared prefixes (unipo.trees)
+EPISODE_SOURCES = ("episodes", "tree_episodes", "turn_pairs")  # (turn_pairs: pairs made from episodes)
+DATA_SOURCES = tuple(dict.fromkeys(("on_policy", "mixed", "expert", *PAIR_SOURCES, "nash_md", *EPISODE_SOURCES)))
 REFERENCE_UPDATES = ("none", "soft", "hard")
 SCHEDULES = ("constant", "cosine", "linear")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -103,7 +106,9 @@ class Recipe:
     - `selection` picks the mask/weight (token and sample selection, in order);
     - `aggregation` says how per-token losses become one number;
     - `mixer` says, per row and step, how much of the RL loss and of the SFT loss it gets
-      (this is where CHORD's schedule and HPT's gate live).
+      (this is where CHORD's schedule and HPT's gate live);
+    - `entropy_regulariser` says what entropy term the loss subtracts `entropy_coef` times
+      (the plain bonus, or EPO's band-smoothed one).
     """
 
     name: str
@@ -128,6 +133,9 @@ class Recipe:
     prompt_multiplier: float = 1.0  # sample ceil(m * prompts_per_step) prompts a step (CPPO refills pruned slots)
     zero_truncated: bool = False  # a completion cut off at the budget scores 0, whatever it says (Dr. GRPO's code)
     reward_scale: str = "unit"  # "unit": the task's score in [0, 1]; "signed": 2*score - 1 in [-1, 1] (DAPO's)
+    # params of the data source: tree_episodes' tree shape (trees, expansions, rounds; unipo.trees), turn_pairs'
+    # candidates and pairs_per_state (unipo.sweet); empty otherwise
+    data_params: Mapping[str, Any] = field(default_factory=dict)
     # advantage
     advantage: str = "grpo"
     advantage_params: Mapping[str, Any] = field(default_factory=dict)
@@ -144,14 +152,20 @@ class Recipe:
     mixer: str = "rl"
     mixer_params: Mapping[str, Any] = field(default_factory=dict)
     sft_weighting: str = "uniform"  # "phi": CHORD-phi token weights p(1-p) on SFT tokens
-    # a baseline that carries state across steps ("none" | "spo_tracker": SPO's per-prompt Beta tracker);
-    # an advantage that reads the `baseline` input needs one
+    # a baseline that carries state across steps ("none" | "spo_tracker": SPO's per-prompt Beta tracker |
+    # "sweet_critic": SWEET-RL's critic LM, unipo.sweet | ...: unipo.critics.BASELINES); an advantage that reads the
+    # `baseline` input needs one, and so does recipe.data=turn_pairs
     baseline: str = "none"
     baseline_params: Mapping[str, Any] = field(default_factory=dict)
     # regularisers
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+    # the entropy term the loss subtracts entropy_coef times (unipo.core.entropy.ENTROPY_REGULARISERS): "bonus"
+    # agg(H); "epo" agg(H) minus EPO's smoothing penalty for entropy outside a band around its running per-turn
+    # history (state kept by the trainer, saved in checkpoints); entropy_params are the regulariser's params
+    entropy_regulariser: str = "bonus"
+    entropy_params: Mapping[str, Any] = field(default_factory=dict)
     # value head (PPO with GAE)
     value_coef: float = 0.0
     # a moving reference, applied after each training step's update (unipo.core.preference): "soft" mixes
@@ -182,7 +196,7 @@ class Recipe:
         except ValueError as error:
             raise ValueError(f"recipe {self.name}: {error}") from None
         for name in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params",
-                     "reference_update_params"):
+                     "reference_update_params", "data_params", "entropy_params"):
             object.__setattr__(self, name, _frozen_mapping(getattr(self, name)))
         object.__setattr__(self, "hint_fractions", tuple(self.hint_fractions))
         if self.data == "on_policy" and self.expert_per_group:
@@ -197,7 +211,8 @@ class Recipe:
         """Types and ranges of the fields that are not slot choices (those are `unipo.slots.check_recipe`'s)."""
         for key in ("summary", "paper", "family", "notes"):
             check_name(f"recipe.{key}", getattr(self, key), empty=True)
-        for key in ("advantage", "loss", "aggregation", "mixer", "baseline"):  # registry names: checked there
+        # registry names: checked there
+        for key in ("advantage", "loss", "aggregation", "mixer", "baseline", "entropy_regulariser"):
             check_name(f"recipe.{key}", getattr(self, key))
         check_choice("recipe.data", self.data, DATA_SOURCES)
         check_choice("recipe.sft_weighting", self.sft_weighting, ("uniform", "phi"))
@@ -228,9 +243,27 @@ class Recipe:
             raise _bad("recipe.hint_fractions", self.hint_fractions, "a list of numbers in (0, 1], e.g. [0.25, 0.5]")
         for fraction in self.hint_fractions:
             check_number("recipe.hint_fractions", fraction, "a list of numbers in (0, 1]", lambda x: 0 < x <= 1)
-        for key in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params"):
+        for key in ("advantage_params", "loss_params", "selection_params", "mixer_params", "baseline_params",
+                    "data_params", "entropy_params"):
             if getattr(self, key) is not None:
                 check_mapping(f"recipe.{key}", getattr(self, key))
+        if self.data == "tree_episodes":
+            from unipo.trees import check_tree_params
+
+            check_tree_params(self.data_params or {})
+            if self.expert_per_group:
+                raise ValueError("recipe.expert_per_group: tree rollouts (recipe.data=tree_episodes) have no expert "
+                                 "rows; use recipe.data=episodes")
+        elif self.data == "turn_pairs":
+            from unipo.sweet import turn_pair_params
+
+            turn_pair_params(self.data_params or {})
+            if self.baseline == "none":
+                raise ValueError("recipe.data=turn_pairs ranks candidate actions with a critic: set recipe.baseline "
+                                 "(sweet_critic)")
+        elif self.data_params:
+            raise ValueError(f"recipe.data_params={dict(self.data_params)} is only read by recipe.data=tree_episodes "
+                             f"or turn_pairs (this recipe has data={self.data})")
         for name, params in (self.selection_params or {}).items():
             check_mapping(f"recipe.selection_params.{name}", params)
         check_choice("recipe.reference_update", self.reference_update, REFERENCE_UPDATES)
@@ -444,20 +477,30 @@ class TrainConfig:
         from unipo.oracles import check_oracle_spec
 
         check_oracle_spec(self.oracle)
-        if self.recipe.data == "episodes" and self.env is None:
+        if self.recipe.data in EPISODE_SOURCES and self.env is None:
             object.__setattr__(self, "env", "guess_number")
         if self.env is not None:
             from unipo.envs import get_env
 
-            if self.recipe.data != "episodes":
+            if self.recipe.data not in EPISODE_SOURCES:
                 raise ValueError(f"env={self.env!r} is set, but recipe {self.recipe.name} is single-turn "
                                  f"(recipe.data={self.recipe.data}; a multi-turn recipe has data=episodes)")
             check_name("env", self.env)
-            get_env(self.env)  # ValueError listing the environments
+            env_cls = get_env(self.env)  # ValueError listing the environments
+            if self.recipe.expert_per_group and not env_cls.has_expert:
+                raise ValueError(f"recipe {self.recipe.name} replays expert demonstrations (recipe.expert_per_group="
+                                 f"{self.recipe.expert_per_group}), but environment {self.env} has none")
         r, g = self.recipe, self.rollout.group_size
+        if r.data == "tree_episodes":
+            from unipo.trees import tree_shape
+
+            tree_shape(r.data_params, g)  # group_size = trees x leaves kept per tree (ValueError otherwise)
         if r.data in ("online_pairs", "self_play") and g < 2:
             raise ValueError(f"rollout.group_size={g}: recipe {r.name} judges pairs among each prompt's samples "
                              f"(recipe.data={r.data}); set rollout.group_size >= 2")
+        if r.data == "turn_pairs" and g < 2:
+            raise ValueError(f"rollout.group_size={g}: recipe {r.name}'s critic learns from pairs of each problem's "
+                             f"episodes (recipe.data=turn_pairs); set rollout.group_size >= 2")
         if r.data == "mixed" and not r.expert_in_addition and not r.expert_batch_frac and g <= r.expert_per_group:
             raise ValueError(
                 f"rollout.group_size={g} leaves no rollouts: recipe {r.name} puts recipe.expert_per_group="

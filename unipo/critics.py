@@ -1,7 +1,17 @@
-"""Baselines that carry state across steps: PPO's value head and SPO's per-prompt tracker.
+"""Baselines that carry state across steps: PPO's value head, and the stateful baselines a recipe names.
 
 The maths (GAE, the clipped value loss, the Beta tracker update) lives in `unipo.core`;
 these classes only hold the state and move it in and out of checkpoints.
+
+A stateful baseline (`Recipe.baseline`, registered in `BASELINES`) is one object per run with this protocol
+(`StatefulBaseline`), every hook with the step's whole (global) batch, so it is the same on every rank:
+
+    setup(model=, tokenizer=, device=, seed=)  once, before the first step (a learned critic builds its network)
+    prepare(batch) -> metrics                 after collection, before the batch's inputs are computed (a critic
+                                              that learns from this step's rollouts first: ArCHer's order)
+    baseline(batch) -> [B]                    the `baseline` batch input, per row
+    observe(batch, kl=) -> metrics            after the policy update (SPO's tracker learns from the rewards)
+    state_dict() / load_state_dict(state)     checkpoints: nested dicts of tensors and plain values, no pickle
 """
 
 from __future__ import annotations
@@ -34,8 +44,33 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
 
+class StatefulBaseline:
+    """The protocol of a stateful baseline (see the module docstring); every hook but `baseline` may be left as is."""
+
+    def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
+        """Called once by the trainer before the first step."""
+
+    def prepare(self, batch) -> dict[str, float]:
+        """Learn from the step's batch before its advantages are computed; returns metrics to log."""
+        return {}
+
+    def baseline(self, batch) -> torch.Tensor:
+        """[B]: the `baseline` batch input of each row."""
+        raise NotImplementedError
+
+    def observe(self, batch, *, kl: float) -> dict[str, float]:
+        """Learn from the step's batch after the policy update (`kl`: the update's approximate KL)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
 @BASELINES.register("spo_tracker")
-class PromptValueTracker:
+class PromptValueTracker(StatefulBaseline):
     """SPO (arXiv 2509.13232): a Beta(alpha, beta) posterior of each prompt's success rate.
 
     Prompts never seen before start at the prior Beta(prior, prior) (v = 0.5); the authors' verl
@@ -50,9 +85,15 @@ class PromptValueTracker:
         self.prior = prior
         self.state: dict[str, tuple[float, float]] = {}
 
-    def baseline(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        alpha, beta = self._lookup(prompts, device)
+    def baseline(self, batch) -> torch.Tensor:
+        alpha, beta = self._lookup(batch.prompts, batch.rewards.device)
         return value_tracker_mean(alpha, beta)
+
+    def observe(self, batch, *, kl: float) -> dict[str, float]:
+        """The rollouts' rewards update their prompts' posteriors (expert rows are not the policy's)."""
+        on = (~batch.off_policy).nonzero().squeeze(1).tolist()
+        self.update([batch.prompts[i] for i in on], batch.rewards[on], kl)
+        return {}
 
     def update(self, prompts: list[str], rewards: torch.Tensor, kl: float) -> None:
         alpha, beta = self._lookup(prompts, rewards.device)
@@ -60,6 +101,12 @@ class PromptValueTracker:
                                            torch.full_like(alpha, kl))
         for prompt, a, b in zip(prompts, alpha.tolist(), beta.tolist()):
             self.state[prompt] = (a, b)
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {prompt: tuple(ab) for prompt, ab in state.items()}
 
     def _lookup(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.state.get(p, (self.prior, self.prior)) for p in prompts]

@@ -667,10 +667,77 @@ IGPO = _add(dataclasses.replace(
     advantage_params={"gamma": 1.0},
 ))
 
+ARCHER = _add(Recipe(
+    name="archer",
+    notes="From the authors' code (YifeiZhou02/ArCHer @7c771a76: archer/algorithms/archer/trainer.py, archer/models/critic.py, archer/data/utils.py, scripts/config/*.yaml). An off-policy turn-level critic (the archer_critic stateful baseline, unipo.archer) learns before each step's advantages from a replay buffer of every turn so far: twin Q heads regress on r + 0.95 (1 - done) Vbar_i(s'), twin V heads on Qbar_i(s, a~) with a~ a fresh action of the current policy, Polyak target tau = 0.1 after each critic step, Adam without weight decay, gradient-norm clip 1.0, buffer 100000. The per-turn reward is the environment's turn reward, plus the outcome on the episode's last turn (terminal). The actor is their REINFORCE: -mean over rows of A * (sum of the action's token log-probs), A = min(Q1, Q2)(s, a) - min(V1, V2)(s) from the critic just updated, raw (not normalised); one optimizer step per batch. Ours vs theirs: the critic's encoder is a copy of the policy (theirs roberta-base, with its own tokenizer); the actor trains on this step's on-policy turns (theirs: states drawn from the replay buffer, each with a fresh action: 3 actor epochs of 256, one optimizer step each); a step is one collection then its critic and actor updates (theirs: 128 trajectories, 50 critic steps of 256 transitions, actor frozen for the first 10-20 of 2000 iterations); the critic's schedule is scaled to a CPU run: 8 critic steps of 32 transitions a step (about one pass over guess_number's ~300 new turns), lr 1e-3, the actor's advantage 0 for the first 10 steps (80 critic steps; theirs 500-1000); their 32 micro-batch losses are summed, not averaged, and clipped with the policy's left-over gradients in the same norm; their buffer draws favour the oldest slots once it wraps, ours are uniform. Their schedule: recipe.baseline_params.critic_steps=50 critic_batch=256 lr=2e-5. advantage_params.center=true (not theirs) subtracts the batch mean of A. The paper (sec. 4, Algorithm 1) writes one Q and one V with target networks; the twin heads (the minimum only in the advantage) are the code's.",
+    summary="off-policy utterance-level critic (twin Q and V, TD with targets, replay buffer) whose Q - V is the token-level REINFORCE reward",
+    paper="arXiv 2402.19446 (ArCHer: Training Language Model Agents via Hierarchical Multi-Turn RL, sec. 4)",
+    family="multi-turn",
+    data="episodes",
+    advantage="archer",
+    loss="reinforce",
+    aggregation="seq_mean_token_sum",  # their -mean(sum_t log pi * A)
+    advantage_params={"warmup_steps": 10},
+    baseline="archer_critic",
+    baseline_params={"critic_steps": 8, "critic_batch": 32, "lr": 1e-3},
+))
+
+SWEET_RL = _add(Recipe(
+    name="sweet_rl",
+    notes="From the authors' code: facebookresearch/sweet_rl @38daf2a5 (README's SWEET-RL commands; scripts/evaluate_code.py, sample_best_of_n.py, rank_best_of_n.py, generate_random_pairs_from_ranks.py) and their OpenRLHF fork YifeiZhou02/collab_openrlhf @87259d4b (openrlhf/trainer/dpo_trainer.py, datasets/reward_dataset.py, models/loss.py). Critic (recipe.baseline=sweet_critic, unipo.sweet): a copy of the policy's initial weights, with a frozen copy as its reference, reading 'In light that the final answer is: <gold answer>.' before the conversation (the rows' privileged `references`; the policy's prompts never hold it). Its pairs, per problem: the first episode of the highest outcome, if that outcome is >= 1 (a success), against every episode of lower outcome (evaluate_code.py). A trajectory's score S is the critic-minus-reference log-prob summed over all of its action tokens divided by their number (--mean_log_prob over the mask of every assistant turn); loss -log sigma(0.1 * (S+ - S-)); AdamW betas (0.9, 0.95), weight decay 0, lr 2e-7, gradient clip 1.0, batches of 8 pairs, 4 epochs (the README's critic command). Policy: at every turn state of the step's own episodes, 16 candidate actions of the current policy (sample_best_of_n.py: n=16, temperature 1; ours rollout.temperature), each scored 0.1 * (its mean log-prob under the critic, reading the prefix, minus its mean sampling log-prob: rank_best_of_n.py subtracts the sampler's, computed without the prefix); 4 pairs per state, each one candidate drawn from the upper half of the ranking and one from the lower half, the higher-scored chosen (extract_indices; their best-vs-worst variant is commented out); DPO with beta 0.1 on summed log-probs plus 0.01 times the chosen action's per-token mean NLL (rpo alpha=0.01: the README's --beta 0.1 --nll_loss_coef 0.01), against the frozen initial policy. Where this differs: theirs is offline (a fixed set of 15k trajectories, 3 per task, the critic trained once, candidates for 10% of the trajectories' turn states, one DPO epoch in batches of 8 pairs at lr 2e-7 with a cosine schedule); here each step is online: fresh episodes (rollout.group_size per problem; theirs 3), the critic's 4 epochs over this step's trajectory pairs only (it keeps its weights and AdamW state across steps, at a constant lr), candidates at every turn state of this step's episodes, and one optimizer step of the policy on all the step's pairs. Online the sampler is the current policy, no longer the critic's reference as in their first (and only) round; baseline_params.ranking_reference=critic_reference ranks with the trained parameterisation beta * (log pi_critic - log pi_ref) instead, both reading the prefix. Their ranking asks vLLM for prompt log-probs at temperature 0.5; we use the critic's untempered log-probs, as in its training (whether their vLLM version scaled prompt log-probs by temperature was not established). Their policy NLL term (no prompt key, --no_prompt) averages over the whole chosen sequence, conversation included; ours over the chosen action (the shared conversation cancels out of the DPO term either way). The paper writes the critic's objective with the turns' advantages summed over the trajectory (our reading, not re-checked against the paper's text); the code's token-weighted mean over the trajectory is used here (the two agree when every action has the same length). One process only (the critic learns inside collection); the critic and its reference are two more copies of the model, saved in every checkpoint.",
+    summary="a critic that reads the gold answer learns turn-level advantages (Bradley-Terry on trajectory pairs); the policy gets DPO on its ranked candidate actions at each turn",
+    paper="arXiv 2503.15478 (SWEET-RL, sec. 5)",
+    family="multi-turn",
+    data="turn_pairs",
+    data_params={"candidates": 16, "pairs_per_state": 4},
+    baseline="sweet_critic",
+    baseline_params={"beta": 0.1, "lr": 2e-7, "epochs": 4, "pairs_per_update": 8, "max_grad_norm": 1.0,
+                     "ranking_reference": "sampler"},
+    loss="rpo",
+    loss_params={"beta": 0.1, "alpha": 0.01},
+))
+
+EPO = _add(dataclasses.replace(
+    MULTITURN_GRPO,
+    name="epo",
+    notes="From the authors' code (WujiangXu/EPO @5b6fa98e: verl/workers/actor/dp_actor.py update_policy, generate_entropy_penalty, _calculate_epoch_based_entropy_weight; verl/trainer/ppo/ray_trainer.py and agent_system/multi_turn_rollout/rollout_loop.py for the entropy history; verl/trainer/config/ppo_trainer.yaml; the GRPO branch of examples/general_running_server.sh with the README's ALFWorld EPO settings). Loss: policy loss - 0.001 * [agg(H) - c_s * w(k) * agg(P)] (unipo.core.entropy, recipe.entropy_regulariser=epo), token-mean aggregation, c_s = 1. H-bar of a row is the mean over the steps so far (this one included) of each step's token-mean pi_old entropy at the row's turn index; P = 0.1 on every token whose current entropy is outside the open band (0 * H-bar, 2 * H-bar) (README: min_ratio 0, max_ratio 2, out_range_penalty 0.1, token mode). w(k) (enable_smooth_weights) falls from 1 to 0.83 over the first half of training, then 0.8 * exp(-3 * progress) to 0.04; their K is hard-coded 150 (their default total_epochs, one step each), ours the run's steps. In their code P is a constant of H (a torch.where of constants), so the smoothing and its phase weight carry no gradient: the update is exactly an entropy bonus of 0.001 and P only shifts the loss's value and the logged out-of-band fraction; entropy_params.shape=hinge is a differentiable band penalty (ours, not theirs). Their smoothing acts only in micro-batches holding a turn >= max_step // 2, read from a config key never set (max_step, default 50): turn >= 25, the second half of ALFWorld's 50 turns; ours gates each row, turn >= min_turn = 2 (guess_number's 5 turns // 2; set entropy_params.min_turn for another environment). Their history pads a step with fewer turns than max_steps with zeros in front (shifting the turn indices) and counts finished episodes' dummy turns; ours averages each turn over the steps that had it, over live episodes' turns only. Advantage: verl-agent's GRPO as their trainer calls it (compute_mean_std_cross_all_data=True): every turn row carries its episode's reward and the mean and std are over all the group's turn rows, so a longer episode counts more; that is advantage=grpo on these rows (episode_outcome would count each episode once). Their policy loss is verl's dual-clip PPO (eps 0.2, c = 3) with a k3 (low_var_kl; theirs clamped to [-10, 10]) KL of 0.01 in the loss (the GRPO branch's use_kl_loss). Their mini-batches are 256 turn rows (about one update at our default 8 x 8 episodes of ~4 turns): one optimizer step per batch here. The README's example commands are PPO runs, and the script's PPO branch passes none of the entropy_smooth settings. The paper's own equations were not checked here (only its abstract was readable): trajectory-level entropy regularisation, a smoothing regulariser penalising deviations from historical averages, and phase weighting from conservative exploration to strong stabilisation.",
+    summary="multi-turn GRPO with EPO's entropy term: the bonus minus a phase-weighted penalty for entropy outside a band around its running per-turn history",
+    paper="arXiv 2509.22576 (EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning)",
+    advantage="grpo",  # verl-agent's GRPO: mean and std over all the group's turn rows
+    loss="dual_clip",  # verl's compute_policy_loss is dual-clip PPO
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": 3.0},
+    aggregation="token_mean",
+    kl_coef=0.01,
+    kl_estimator="k3",
+    entropy_coef=0.001,
+    entropy_regulariser="epo",
+    entropy_params={"smooth_coef": 1.0, "band_low": 0.0, "band_high": 2.0, "penalty": 0.1, "level": "token",
+                    "shape": "constant", "phase_weights": True, "min_turn": 2},
+))
+
+TREE_GRPO = _add(Recipe(
+    name="tree_grpo",
+    notes="From the authors' code and scripts (AMAP-ML/Tree-GRPO @90b17099: train_multihopqa_tree_search.sh, search_r1/llm_agent/generation_ts.py, search_r1/llm_agent/tree_node.py, verl/trainer/ppo/ray_trainer_ts.py, verl/workers/actor/dp_actor.py). Rollouts (unipo.trees): M trees per problem, each first one episode; then L rounds in which N nodes (turns) of each tree are picked uniformly at random with replacement among its root and non-leaf nodes (the code's random.choices; the root is a candidate, so an expansion may be a fresh episode of the same tree) and one continuation is sampled from each to the end of an episode, sharing the turns before it; K leaves of each tree are kept at random. Their scripts: M=2, N=2, L=1, K=3 (6 leaves per question, every leaf kept). Ours: recipe.data_params trees=2, expansions=3, rounds=1, and K = rollout.group_size / trees, so the default group of 8 keeps all 4 leaves of each tree (the scripts' 'keep every leaf', scaled to 8). A branch replays its prefix's actions in a fresh environment (environments have no copy; a replay that answers differently is an error). Rows: each kept leaf is a whole episode of one-row-per-turn rows, a shared prefix turn repeated in every leaf below it, as their code puts the shared prefix into every leaf's trajectory. Advantage (their adv_estimator=tree): A = A_inter + A_intra on every turn of a leaf, A_inter = (R - mean) / (std + 1e-6) over the problem's M*K leaves, A_intra the same over the leaf's tree (unbiased std, over leaves); a group of one gets 0 here, R in their verl helper (never met with their K=3). Their loss (policy_loss=grpo: verl's dual clip, eps 0.2/0.2, c=3), token-mean aggregation, entropy bonus 0.001 (the config default), k3 (low_var_kl; theirs clamped to [-10, 10]) KL in the loss with coefficient 0.001, and 512 prompts with mini-batches of 64: 8 optimizer steps per generation batch. Their lr (unset in the tree scripts; 1e-6 in the GRPO ones), warm-up ratio 0.285 and top_p 0.95 are run settings (optim.*, rollout.top_p). Their reward is the QA task's exact match plus format scores; ours the environment's outcome.",
+    summary="tree-search rollouts sharing prefixes; each leaf's outcome group-normalised within its tree plus across the problem's trees",
+    paper="arXiv 2509.21240 (Tree Search for LLM Agent Reinforcement Learning, Tree-GRPO)",
+    family="multi-turn",
+    data="tree_episodes",
+    data_params={"trees": 2, "expansions": 3, "rounds": 1},  # scripts: M=2, N=2, L=1, K=3; ours keep 4 of 4 per tree
+    advantage="tree_grpo",
+    advantage_params={"inter_coef": 1.0, "intra_coef": 1.0},
+    loss="dual_clip",  # their policy_loss=grpo is verl's dual-clip PPO
+    loss_params={"eps_low": 0.2, "eps_high": 0.2, "clip_ratio_c": 3.0},
+    aggregation="token_mean",
+    entropy_coef=0.001,
+    kl_coef=0.001,
+    kl_estimator="k3",
+    mini_batches=8,
+))
+
 
 def catalogue_markdown() -> str:
     """docs/recipes.md: every recipe's mechanism, paper, open choices and slots."""
-    from unipo.config import Recipe, to_dict
+    from unipo.config import EPISODE_SOURCES, Recipe, to_dict
 
     defaults = to_dict(Recipe(name="defaults"))
     lines = ["# Recipes", "",
@@ -690,6 +757,6 @@ def catalogue_markdown() -> str:
                  if k not in ("name", "summary", "paper", "family", "notes") and v != defaults[k]}
         lines += ["", "| slot | value |", "|---|---|"] + [f"| `{k}` | `{v}` |" for k, v in slots.items()]
         data = " --data pairs.jsonl" if r.data == "pairs" else ""
-        where = "--env guess_number" if r.data == "episodes" else "--task addition"
+        where = "--env guess_number" if r.data in EPISODE_SOURCES else "--task addition"
         lines += ["", f"Run it: `unipo train --recipe {r.name}{data} {where}`"]
     return "\n".join(lines) + "\n"

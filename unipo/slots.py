@@ -1,6 +1,7 @@
 """A recipe's slots, the batch inputs their functions declare, and the check run when a recipe is built.
 
-Each slot of the unified estimator is a registry (advantage, policy loss, selection, mixer). A
+Each slot of the unified estimator is a registry (advantage, policy loss, selection, mixer, and the
+entropy regulariser: `entropy_choice`, outside `slot_choices`' fixed order). A
 function registered there receives its registry's shared arguments plus exactly the batch inputs it
 declared at registration (`Registry.register(name, inputs=...)`). `INPUTS` is the one table of what
 the trainer can provide; the trainer builds these tensors (see `Trainer._provider`) and nothing else.
@@ -19,15 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unipo.archer import ArcherCritic  # noqa: F401  (registers ArCHer's critic, archer_critic, and its advantage)
 from unipo.core import hybrid  # noqa: F401  (registers the hybrid losses and the calibrl advantage)
 from unipo.core.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
+from unipo.core.entropy import ENTROPY_REGULARISERS, compute_entropy_term
 from unipo.core.losses import AGGREGATIONS, POLICY_LOSSES, compute_policy_loss
 from unipo.core.pairwise import PAIRWISE_LOSSES, is_pairwise  # (registers the preference losses)
 from unipo.core.registry import Registry
 from unipo.core.selection import SELECTIONS, compute_selection
+from unipo.core.tree import TREE_INPUTS  # noqa: F401  (registers Tree-GRPO's advantage)
 from unipo.core.turns import EPISODE_INPUTS  # noqa: F401  (registers the multi-turn credit estimators)
 from unipo.critics import BASELINES
 from unipo.mixing import MIXERS
+from unipo.sweet import SweetCritic  # noqa: F401  (registers SWEET-RL's critic baseline, sweet_critic)
 
 if TYPE_CHECKING:
     from unipo.config import Recipe
@@ -48,7 +53,8 @@ INPUTS: Mapping[str, str] = {
     "entropy": "[B, T] next-token entropy: pi_old's for advantages and selections, the current policy's "
                "(detached) for a loss",
     "values": "[B, T] the value head's V(s_t) under pi_old",
-    "baseline": "[B] SPO's per-prompt value from its Beta tracker",
+    "baseline": "[B] the recipe's stateful baseline's value of each row (unipo.critics; SPO: the prompt's Beta "
+                "tracker mean)",
     "ref_logp": "[B, T] log-probs under the frozen reference policy",
     # multi-turn episodes, one row per turn (unipo.agents); a single-turn batch's rows are one-turn episodes
     "episode_ids": "[B] the row's episode (a single-turn batch: the row itself)",
@@ -57,6 +63,11 @@ INPUTS: Mapping[str, str] = {
     "episode_rewards": "[B] the row's episode's final (outcome) reward (single-turn: the row's reward)",
     "info_gain": "[B] IGPO's information gain of the turn: the rise in pi's probability of the gold answer "
                  "(computed only for a recipe that declares it; single-turn: 0)",
+    "tree_ids": "[B] the search tree of the row's episode (recipe.data=tree_episodes, unipo.trees; otherwise each "
+                "episode is its own tree)",
+    "entropy_history": "[B] EPO's historical entropy of the row's turn index: the mean over the steps so far (this "
+                       "one included) of each step's token-mean pi_old entropy at that turn (NaN: none yet; the "
+                       "trainer's state, unipo.update.EntropyHistory)",
 }
 
 # Keyword arguments every function of a registry takes from the caller (not params, not declared inputs).
@@ -65,6 +76,7 @@ _SHARED = {
     "policy loss": (),
     "selection": ("rewards", "advantages", "entropy", "group_ids"),
     "mixer": ("rewards", "prompt_index", "off_policy", "step", "total_steps"),
+    "entropy regulariser": ("denominator", "max_len"),
 }
 
 
@@ -89,9 +101,14 @@ def slot_choices(recipe: Recipe) -> list[SlotChoice]:
     return choices + [SlotChoice(MIXERS, recipe.mixer, recipe.mixer_params)]
 
 
+def entropy_choice(recipe: Recipe) -> SlotChoice:
+    """The recipe's entropy regulariser (applied when `recipe.entropy_coef` is not 0; unipo.core.entropy)."""
+    return SlotChoice(ENTROPY_REGULARISERS, recipe.entropy_regulariser, recipe.entropy_params)
+
+
 def recipe_inputs(recipe: Recipe) -> frozenset[str]:
-    """Every batch input the recipe's slot functions declared."""
-    return frozenset(name for choice in slot_choices(recipe) for name in choice.inputs)
+    """Every batch input the recipe's slot functions (and its entropy regulariser) declared."""
+    return frozenset(name for choice in [*slot_choices(recipe), entropy_choice(recipe)] for name in choice.inputs)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -103,7 +120,7 @@ def check_recipe(recipe: Recipe) -> None:
     if stray:
         raise ValueError(f"recipe {recipe.name}: selection_params for {stray}, which are not in selection "
                          f"{list(recipe.selection)}")
-    for choice in slot_choices(recipe):
+    for choice in [*slot_choices(recipe), entropy_choice(recipe)]:
         try:
             choice.registry.check_params(choice.name, choice.params, shared=_SHARED[choice.registry.kind])
             unknown = sorted(set(choice.inputs) - set(INPUTS))
@@ -155,6 +172,8 @@ def _synthetic_inputs(expert_rows: bool) -> tuple[dict[str, Any], torch.Tensor, 
         "turn_rewards": torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]),
         "episode_rewards": torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0]),
         "info_gain": torch.tensor([0.25, 0.0, 0.0, -0.1, 0.0, 0.0]),
+        "tree_ids": torch.tensor([0, 0, 0, 1, 1, 2]),  # group 0's two episodes in one tree, group 1's in two
+        "entropy_history": torch.tensor([0.5, 0.4, float("nan"), 0.5, 0.4, 0.5]),  # row 2's turn: none yet
     }
     rewards = inputs["rewards"]
     group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -182,3 +201,6 @@ def _dry_run(recipe: Recipe) -> None:
                             **declared(POLICY_LOSSES, recipe.loss))
     MIXERS.get(recipe.mixer)(rewards=rewards, prompt_index=group_ids, off_policy=inputs["off_policy"], step=1,
                              total_steps=10, **recipe.mixer_params)
+    compute_entropy_term(recipe.entropy_regulariser, inputs["entropy"].clone().requires_grad_(), inputs["mask"],
+                         recipe.aggregation, max_len=8, **recipe.entropy_params,
+                         **declared(ENTROPY_REGULARISERS, recipe.entropy_regulariser))

@@ -26,7 +26,7 @@ import torch
 
 from unipo.agents import episode_input
 from unipo.collect import RolloutBatch, RolloutCollector
-from unipo.config import PAIR_SOURCES, TrainConfig
+from unipo.config import EPISODE_SOURCES, PAIR_SOURCES, TrainConfig
 from unipo.core.advantages import compute_advantages
 from unipo.core.correction import rollout_correction
 from unipo.core.preference import hard_update_due, soft_update_reference
@@ -41,7 +41,8 @@ from unipo.rollout import policy_logprobs
 from unipo.runs import RunFolder
 from unipo.slots import recipe_inputs, slot_choices
 from unipo.tasks.base import SystemPrompted, get_task
-from unipo.update import PolicyUpdate
+from unipo.trees import tree_input
+from unipo.update import EntropyHistory, PolicyUpdate
 
 PREFERENCE_DATA = (*PAIR_SOURCES, "nash_md")  # recipes whose evaluation adds the win rate against the reference
 
@@ -87,7 +88,11 @@ class Trainer:
         # The training forward: DDP around it, or FSDP2 shards the model in place (after the reference copy).
         self.forward_module = self.parallel.wrap(self.model, self.device)
         self.tracker = (BASELINES.get(self.recipe.baseline)(**self.recipe.baseline_params)
-                        if self.recipe.baseline != "none" else None)
+                        if self.recipe.baseline != "none" else None)  # a stateful baseline (unipo.critics)
+        if self.tracker is not None:
+            self.tracker.setup(model=self.model, tokenizer=tokenizer, device=self.device, seed=config.seed)
+        # EPO's running per-turn entropy, when the recipe's entropy regulariser reads it (unipo.update)
+        self.entropy_history = EntropyHistory() if "entropy_history" in self.inputs_needed else None
         params = [p for p in self.trainable_modules_parameters()]
         # fused: one kernel for all parameters (the same update, ~6x faster than the per-tensor loop on a CPU);
         # FSDP's sharded parameters take the foreach path.
@@ -103,7 +108,7 @@ class Trainer:
                                           generator=self.generator,
                                           shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine,
                                           pairs=config.pairs, oracle=config.oracle, reference=self.reference,
-                                          env=config.env)
+                                          env=config.env, critic=self.tracker)  # (turn_pairs ranks with it)
         self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
                                    optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
                                    value_head=self.value_head, max_len=self.max_new_tokens,
@@ -200,7 +205,8 @@ class Trainer:
     def learn(self, batch: RolloutBatch, *, old_logp: torch.Tensor | None = None,
               origin: torch.Tensor | None = None) -> tuple[dict[str, Any], bool]:
         """Everything after collection for one batch: batch inputs -> advantages -> mixer -> selection ->
-        the update (epochs x mini-batches of optimizer steps) -> SPO's tracker. Returns (metrics, finite).
+        the update (epochs x mini-batches of optimizer steps) -> the stateful baseline's `observe`. Returns
+        (metrics, finite). (A stateful baseline's `prepare` runs first.)
         `old_logp` replaces pi_old's log-probs (for parity checks against other trainers). In a multi-process
         run `batch` is the global batch and `origin[i]` the rank that holds row i (its forwards run there)."""
         self.model.train()
@@ -208,7 +214,9 @@ class Trainer:
         self._origin = origin if origin is not None else torch.zeros(len(batch), dtype=torch.long,
                                                                      device=batch.rewards.device)
         try:
+            baseline_stats = self.tracker.prepare(batch) if self.tracker is not None else {}
             inputs, behaviour_logp, input_stats = self._provider(batch)
+            input_stats = {**baseline_stats, **input_stats}
             advantages = self._advantages(batch, inputs)
             rl_weight, sft_weight, mix_metrics = self._mix(batch)
             selection = self._selection(batch, advantages, inputs)
@@ -227,9 +235,8 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         if self.tracker is not None:  # a stateful baseline learns from this step's rollouts
-            on = (~batch.off_policy).nonzero().squeeze(1).tolist()
-            self.tracker.update([batch.prompts[i] for i in on], batch.rewards[on],
-                                float(update_metrics.get("actor/approx_kl", 0.0)))
+            update_metrics = {**update_metrics, **self.tracker.observe(
+                batch, kl=float(update_metrics.get("actor/approx_kl", 0.0)))}
         return {**input_stats, **mix_metrics, **update_metrics}, finite
 
     # -- batch inputs ----------------------------------------------------------------------
@@ -258,7 +265,7 @@ class Trainer:
         measure = not self.engine.logp_exact
         needs_old = (self.recipe.updates_per_batch > 1 or bool(needed & {"logp", "expert_logp"}) or measure
                      or self.config.rollout.correction != "none")
-        need_entropy, need_values = "entropy" in needed, self.value_head is not None
+        need_entropy, need_values = bool(needed & {"entropy", "entropy_history"}), self.value_head is not None
         sampled = ~batch.off_policy
         full_pass = need_entropy or need_values or (needs_old and not self._sampler_logp_exact())
         behaviour: dict[str, torch.Tensor] = {}
@@ -289,10 +296,14 @@ class Trainer:
             "logp": lambda: old_logp,
             "expert_logp": lambda: _expert_row_values(old_logp, batch),
             "entropy": lambda: behaviour["entropy"],
+            # once per step: this step's pi_old entropy (on-policy tokens, whole batch) joins the running history
+            "entropy_history": lambda: self.entropy_history.observe(
+                behaviour["entropy"], batch.completion_mask * sampled[:, None], episode_input(batch, "turn_index")),
             "values": lambda: behaviour["values"],
-            "baseline": lambda: self.tracker.baseline(batch.prompts, self.device),  # SPO's tracker
+            "baseline": lambda: self.tracker.baseline(batch),  # the recipe's stateful baseline (unipo.critics)
             # multi-turn episodes (unipo.agents): one row per turn; a single-turn row is a one-turn episode
             **{name: (lambda name=name: episode_input(batch, name)) for name in EPISODE_INPUTS},
+            "tree_ids": lambda: tree_input(batch),  # Tree-GRPO's trees (unipo.trees); else one tree per episode
         }
         # ref_logp is computed once per step by the update plan (only when there is something to learn).
         inputs = {name: providers[name]() for name in sorted(needed - {"ref_logp"})}
@@ -458,7 +469,7 @@ class Trainer:
 
         result = None
         with self.parallel.full_weights(self.model):  # rank 0 evaluates; the others wait for its numbers
-            if self.parallel.is_main and self.recipe.data == "episodes":  # success, env/ metrics, transcripts
+            if self.parallel.is_main and self.recipe.data in EPISODE_SOURCES:  # success, env/ metrics, transcripts
                 from unipo.agents import evaluate_episodes
 
                 result = evaluate_episodes(self, n or self.config.eval_problems)
@@ -489,8 +500,9 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs besides the weights: tensors (optimizer moments, RNG states as uint8, the value
-        head) and plain values (steps, scheduler, Python RNG, SPO's tracker), saved by `unipo.runs` without pickle.
-        The optimizer state is always in the one-process layout (FSDP gathers it: every rank calls this)."""
+        head) and plain values (steps, scheduler, Python RNG, the stateful baseline's state, EPO's entropy history),
+        saved by `unipo.runs` without pickle. The optimizer state is always in the one-process layout (FSDP gathers
+        it: every rank calls this)."""
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
@@ -500,7 +512,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "value_head": None if self.value_head is None else dict(self.value_head.state_dict()),
-            "tracker": {} if self.tracker is None else dict(self.tracker.state),
+            "tracker": {} if self.tracker is None else self.tracker.state_dict(),
+            "entropy_history": None if self.entropy_history is None else self.entropy_history.state_dict(),
             # a moving reference is part of the state (the run folder's reference/ is written once, at the first save)
             "reference": ({k: v.detach().clone() for k, v in self.reference.state_dict().items()}
                           if self.reference is not None and self.recipe.reference_schedule is not None else None),
@@ -531,7 +544,9 @@ class Trainer:
         if self.value_head is not None:
             self.value_head.load_state_dict(state["value_head"])
         if self.tracker is not None:
-            self.tracker.state = {prompt: tuple(ab) for prompt, ab in state["tracker"].items()}
+            self.tracker.load_state_dict(state["tracker"])
+        if self.entropy_history is not None and state.get("entropy_history") is not None:
+            self.entropy_history.load_state_dict(state["entropy_history"])
         if self.reference is not None and state.get("reference") is not None:
             self.reference.load_state_dict({k: v.to(self.device) for k, v in state["reference"].items()})
 

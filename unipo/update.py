@@ -18,6 +18,10 @@ In a multi-process run (`unipo.distributed`) the batch and its mini-batches are 
 computes the same denominators from the whole mini-batch, runs forwards and backwards on its own rows
 only, and the ranks' gradients add up to the one-process gradient of that mini-batch.
 
+The entropy term (`recipe.entropy_coef` times the recipe's entropy regulariser, `unipo.core.entropy`) is aggregated
+like the RL loss, over its tokens and with its denominators. `EntropyHistory` is EPO's running per-turn entropy,
+state the trainer holds and feeds once per step (the `entropy_history` batch input).
+
 A pairwise (preference) loss (`unipo.core.pairwise`) takes the pairwise path: rows 2j, 2j+1 of the batch are
 pair j's (chosen, rejected); mini-batches shuffle whole pairs, micro-batches hold whole pairs (their size is
 rounded down to an even number, at least 2), and each micro-batch's loss is its pairs' summed loss divided by
@@ -36,12 +40,13 @@ import torch
 
 from unipo.config import TrainConfig
 from unipo.core.advantages import gae_returns
+from unipo.core.entropy import accumulate_turn_history, compute_entropy_term, history_per_row, turn_entropy_means
 from unipo.core.hybrid import chord_phi_weights
 from unipo.core.kl import kl_estimate
 from unipo.core.losses import POLICY_LOSSES, aggregate, aggregation_denominator, compute_policy_loss, value_loss
 from unipo.core.pairwise import is_pairwise
 from unipo.distributed import Parallel
-from unipo.slots import SlotChoice
+from unipo.slots import SlotChoice, entropy_choice
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class PolicyUpdate:
         self.parallel = parallel or Parallel()
         self.forward_module = forward_module  # DDP's wrapper (its no_sync) in a multi-process run
         self.pairwise = is_pairwise(loss.name)  # rows come in (chosen, rejected) pairs (unipo.core.pairwise)
+        self.entropy = entropy_choice(self.recipe)  # the entropy regulariser (unipo.core.entropy)
 
     def plan(self, batch, selection: torch.Tensor, rl_weight: torch.Tensor, sft_weight: torch.Tensor,
              old_logp: torch.Tensor | None, reference_logp: Callable[[], torch.Tensor] | None, *,
@@ -223,8 +229,13 @@ class PolicyUpdate:
             loss = loss + r.kl_coef * kl
             metrics["kl"] = kl.detach()
         if r.entropy_coef:
-            loss = loss - r.entropy_coef * aggregate(out.entropy, rl_mask, r.aggregation,
-                                                     denominator=denominators["rl"], max_len=max_len)
+            # the entropy slot: `bonus` is agg(H); a regulariser reads its declared inputs for these rows
+            declared = {k: _rows(inputs[k], rows) for k in self.entropy.inputs}
+            term, entropy_metrics = compute_entropy_term(
+                self.entropy.name, out.entropy, rl_mask, r.aggregation, denominator=denominators["rl"],
+                max_len=max_len, **self.entropy.params, **declared)
+            loss = loss - r.entropy_coef * term
+            metrics.update({k: v.detach() for k, v in entropy_metrics.items()})
         if self.value_head is not None:
             old_values = inputs["values"][rows]
             returns = gae_returns(advantages[rows], old_values)
@@ -252,6 +263,32 @@ class PolicyUpdate:
             return grad_norm, "no_signal"
         self.optimizer.step()
         return grad_norm, "stepped"
+
+
+class EntropyHistory:
+    """EPO's historical entropy (`unipo.core.entropy`): for each turn index k, the mean over the training steps so
+    far of each step's token-mean pi_old entropy at turn k (the authors' running average, this step included).
+
+    The trainer feeds it once per step, before the update, with pi_old's entropy of the step's whole (global)
+    batch, so it is the same on every rank and whatever the micro-batching; `observe` returns H̄ of each row (the
+    `entropy_history` batch input). The state is float64 per-turn sums and step counts, saved in checkpoints."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(0, dtype=torch.float64)
+        self.counts = torch.zeros(0, dtype=torch.float64)
+
+    def observe(self, entropy: torch.Tensor, mask: torch.Tensor, turn_index: torch.Tensor) -> torch.Tensor:
+        """Add one step (`mask`: its on-policy tokens) and return [B] H̄ of each row's turn (NaN: none yet)."""
+        means, present = turn_entropy_means(entropy.double(), mask.double(), turn_index)
+        self.sums, self.counts = accumulate_turn_history(self.sums, self.counts, means.cpu(), present.cpu())
+        return history_per_row(self.sums, self.counts, turn_index.cpu()).to(entropy.device, torch.float32)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sums = state["sums"].to("cpu", torch.float64).clone()
+        self.counts = state["counts"].to("cpu", torch.float64).clone()
 
 
 def _rows(value: Any, rows: torch.Tensor) -> Any:

@@ -6,4 +6,4 @@ hot path. Each module is one slot of the estimator with a registry of named vari
 
 # Import every slot module so each registry is complete whichever one a caller imports first
 # (hybrid registers its losses and advantages into the losses and advantages registries).
-from unipo.core import advantages, hybrid, kl, logprobs, losses, preference, selection  # noqa: F401
+from unipo.core import advantages, entropy, hybrid, kl, logprobs, losses, preference, selection  # noqa: F401

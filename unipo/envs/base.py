@@ -8,7 +8,8 @@ An environment is a stateful object for one episode (the collector builds one pe
 - `reward` is the *turn* reward of that action (0 when the environment gives none);
 - `done` ends the episode; the collector also ends it after `max_turns` actions or when the episode's
   token budget (`max_episode_tokens`, the model's own tokens over all its turns) is spent;
-- `info` may hold `tool_errors` (int: failed tool calls in this step, logged as `env/tool_errors`);
+- `info` may hold `tool_errors` (int: failed tool calls in this step, logged as `env/tool_errors`) and
+  `observation_role` ("tool" when the observation is a tool's result: a chat template renders it as one);
 - at the end, for whatever reason it ended, `env.outcome()` is the episode's final reward in [0, 1] and
   `env.success()` whether the task was solved (`env/success`, and `correct` of its rows).
 
@@ -38,6 +39,13 @@ class Environment(ABC):
     max_turns: int = 4  # actions per episode at most
     max_action_tokens: int = 16  # the model's tokens per action at most (rollout.max_new_tokens overrides)
     max_episode_tokens: int = 64  # the model's own tokens over the whole episode at most
+    has_expert: bool = True  # `demonstrate` works (recipes that replay demonstrations refuse an env without)
+    # the registered tools (`unipo.envs.tools`) it runs; a chat template is given their JSON schemas (`tools=`)
+    tools: tuple[str, ...] = ()
+
+    @classmethod
+    def require(cls) -> None:
+        """A one-line ValueError when something the environment needs is missing (an optional package)."""
 
     # -- problems --------------------------------------------------------------------------------
     @classmethod
@@ -77,7 +85,17 @@ class Environment(ABC):
 
 
 def get_env(name: str) -> type[Environment]:
-    """The environment class registered as `name` (ValueError listing the valid names otherwise)."""
+    """The environment class registered as `name`, or of `gym:<id>` any gymnasium environment id
+    (`unipo.envs.gymnasium_text`); ValueError listing the valid names otherwise, or saying what to install."""
     import unipo.envs  # noqa: F401  (registers the built-in environments)
 
-    return ENVIRONMENTS.get(name)
+    if name.startswith("gym:"):
+        from unipo.envs.gymnasium_text import gym_environment
+
+        return gym_environment(name[len("gym:"):])
+    try:
+        env_cls = ENVIRONMENTS.get(name)
+    except ValueError as err:
+        raise ValueError(f"{err}; or gym:<id>, a gymnasium environment id such as gym:Taxi-v4") from None
+    env_cls.require()
+    return env_cls

@@ -79,17 +79,24 @@ class GuessNumber(Environment):
 class Calculator(Environment):
     """Multiply two 2-digit numbers, through the `calc` tool (`unipo.envs.tools`, run in the reward sandbox).
 
-    An action that holds a tool call (`<tool>calc(expression="37*24")</tool>`) is run and answered with the tool's
-    observation (`= 888`, or a documented `tool error: ...`); turn reward 1 if the call ran, else 0 (MT-GRPO's tool
-    execution reward). An action without a tool call is the answer (its first integer) and ends the episode; turn
-    reward and outcome 1 if it is the product *and* a tool call succeeded earlier in the episode (the arithmetic must
-    go through the tool), else 0. Demonstration: the tool call, then its value."""
+    Prompt `What is 37*24? Use calc.`. An action that holds a tool call (`<tool>calc("37*24")</tool>`; any format that
+    `unipo.envs.tools` parses) is run and answered with the tool's observation (`= 888`, or a documented
+    `tool error: ...`); turn reward 1 if the call ran, else 0 (MT-GRPO's tool execution reward). An action without a
+    tool call is the answer (its first integer) and ends the episode; turn reward and outcome 1 if it is the product
+    *and* the value of a call that ran earlier in the episode (the arithmetic must go through the tool, and the
+    answer is the tool's result, not the model's own), else 0. Demonstration: the call, then its value.
+
+    The demonstration's call is the short positional form for the tiny model (one token a character, 1M parameters),
+    which must copy the factors into the call and the tool's value into the answer: with it, SFT on demonstrations
+    at lr 5e-4 learns both copies after ~150 steps of 16 problems, ~50-100 steps sooner than with the keyword form
+    `calc(expression="37*24")` (docs/agents.md, "Environments")."""
 
     name = "calculator"
     max_turns = 3
-    max_action_tokens = 48  # the demonstration's call is 37 characters (+ EOS) on the tiny model's tokenizer
-    max_episode_tokens = 96
+    max_action_tokens = 32  # the demonstration's call is 24 characters (+ EOS) on the tiny model's tokenizer
+    max_episode_tokens = 64  # room for a failed call, a second call and the answer
     shared_runner: ToolRunner | None = None  # one sandbox worker for every episode of the process
+    tools = ("calc",)  # (a chat template is shown its schema: unipo.agents.tool_schemas)
 
     def __init__(self, runner: ToolRunner | None = None) -> None:
         self.runner = runner
@@ -102,10 +109,10 @@ class Calculator(Environment):
 
     @classmethod
     def demonstrate(cls, problem: Problem) -> list[str]:
-        return [f'<tool>calc(expression="{problem.meta["expression"]}")</tool>', problem.answer]
+        return [f'<tool>calc("{problem.meta["expression"]}")</tool>', problem.answer]
 
     def reset(self, problem: Problem) -> str:
-        self.answer, self.tool_ok, self.solved = int(problem.answer), False, False
+        self.answer, self.tool_values, self.solved = int(problem.answer), set(), False
         return problem.prompt
 
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
@@ -115,10 +122,11 @@ class Calculator(Environment):
                     Calculator.shared_runner = ToolRunner()
                 self.runner = Calculator.shared_runner
             result = self.runner(action)
-            self.tool_ok = self.tool_ok or result.error is None
+            if result.error is None:
+                self.tool_values.add(result.value)
             failed = int(result.error is not None)
-            return result.observation, float(not failed), False, {"tool_errors": failed}
-        self.solved = self.tool_ok and first_int(action) == self.answer
+            return result.observation, float(not failed), False, {"tool_errors": failed, "observation_role": "tool"}
+        self.solved = first_int(action) == self.answer and self.answer in self.tool_values
         return ("correct" if self.solved else "wrong"), float(self.solved), True, {}
 
     def outcome(self) -> float:

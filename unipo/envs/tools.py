@@ -4,13 +4,15 @@ A tool is a module-level function whose parameters are annotated `str`, `int`, `
 a number, registered with `@register_tool` (name = the function's name, doc = its docstring). The model calls one
 in either of two formats, found anywhere in its action:
 
-    <tool>calc(expression="2+3")</tool>                                        the built-in format (tiny model)
+    <tool>calc("2+3")</tool>  or  <tool>calc(expression="2+3")</tool>            the built-in format (tiny model)
     <tool_call>{"name": "calc", "arguments": {"expression": "2+3"}}</tool_call>  the JSON tool-call format of
                                                                                  chat templates (Qwen2.5, Hermes)
 
 Arguments are parsed strictly, never evaluated: the first format through `ast.parse` of one call whose arguments
-are literals (`ast.literal_eval` of each), the second through `json.loads`; each value must match its parameter's
-annotation (an int is accepted for a float), every parameter without a default must be given, no unknown names.
+are literals, positional then key=value (`ast.literal_eval` of each: `"2+3"` is a literal, `2+3` is not; positional
+values go to the parameters in signature order, as in Python), the second through `json.loads`; each value must
+match its parameter's annotation (an int is accepted for a float), every parameter without a default must be given,
+no unknown names, none given twice.
 
 The call itself runs in a reward-sandbox worker (`unipo.sandbox.RewardSandbox`: rlimits, seccomp, the audit hook,
 a wall-clock limit, `ToolRunner(timeout_s=...)`), never in the training process: tool code and the arguments the
@@ -24,7 +26,7 @@ What the model reads back (`ToolResult.observation`), and what counts as a tool 
 | ok                                           | `= <value>` (an integral value without `.0`)     | none      |
 | no call, bad syntax, a non-literal argument  | `tool error: malformed call (<why>)`             | malformed |
 | a name that is not a tool                    | `tool error: unknown tool <name> (tools: a, b)`  | unknown   |
-| wrong argument names or types                | `tool error: bad arguments for <name> (<why>)`   | arguments |
+| wrong argument names, types or count         | `tool error: bad arguments for <name> (<why>)`   | arguments |
 | the tool raised                              | `tool error: <name> raised an exception`         | raised    |
 | the tool returned something not a number     | `tool error: <name> returned no number`          | raised    |
 | it ran past the time limit                   | `tool error: <name> timed out`                   | timeout   |
@@ -55,10 +57,19 @@ _RAISED, _NOT_A_NUMBER = math.inf, -math.inf  # the sandboxed wrapper's codes (a
 
 
 def register_tool(fn: Callable[..., float]) -> Callable[..., float]:
-    """Register a module-level function as a tool (its parameters must be annotated str, int, float or bool)."""
+    """Register a module-level function as a tool: its parameters annotated str, int, float or bool, and its
+    docstring a description plus an `Args:` line for each parameter (what a chat template shows the model, through
+    transformers' `get_json_schema`: `unipo.agents.tool_schemas`)."""
+    from transformers.utils import get_json_schema
+
     for param in inspect.signature(fn).parameters.values():
         if param.annotation not in _TYPES or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
             raise ValueError(f"tool {fn.__name__}: parameter {param.name} must be a named str, int, float or bool")
+    try:
+        get_json_schema(fn)
+    except Exception as err:  # transformers' DocstringParsingException / TypeHintParsingException
+        raise ValueError(f"tool {fn.__name__}: document it (a description, then an Args: line per parameter): "
+                         f"{err}") from None
     return TOOLS.register(fn.__name__)(fn)
 
 
@@ -86,33 +97,52 @@ def find_call(text: str) -> str | None:
 def parse_call(text: str, tools: dict[str, Callable[..., float]]) -> ToolCall:
     """The tool call in `text`, checked against `tools`' signatures; ToolCallError otherwise."""
     builtin, as_json = _BUILTIN.search(text), _JSON.search(text)
+    positional: list[Any] = []
     if builtin:
-        name, args = _parse_builtin(builtin.group(1).strip())
+        name, positional, args = _parse_builtin(builtin.group(1).strip())
     elif as_json:
         name, args = _parse_json(as_json.group(1).strip())
     else:
         raise ToolCallError("malformed", "tool error: malformed call (no <tool>...</tool>)")
     if name not in tools:
         raise ToolCallError("unknown", f"tool error: unknown tool {name} (tools: {', '.join(sorted(tools))})")
-    return ToolCall(name, _check_args(name, tools[name], args))
+    return ToolCall(name, _check_args(name, tools[name], _bind(name, tools[name], positional, args)))
 
 
-def _parse_builtin(body: str) -> tuple[str, dict[str, Any]]:
+def _parse_builtin(body: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """`name(literal, ..., key=literal, ...)` -> (name, positional values, keyword values); nothing is evaluated
+    (`ast.literal_eval` of each argument: `1+2` or `x` is no literal)."""
     try:
         tree = ast.parse(body, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # (null bytes; nesting too deep for the parser)
         raise ToolCallError("malformed", "tool error: malformed call (syntax error)") from None
     call = tree.body
-    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args or any(
-            k.arg is None for k in call.keywords):
-        raise ToolCallError("malformed", "tool error: malformed call (want name(key=value, ...))")
-    args = {}
-    for keyword in call.keywords:
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or any(
+            isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        raise ToolCallError("malformed", "tool error: malformed call (want name(value, ..., key=value, ...))")
+
+    def literal(node: ast.expr, what: str) -> Any:
         try:
-            args[keyword.arg] = ast.literal_eval(keyword.value)
-        except (ValueError, SyntaxError, TypeError):
-            raise ToolCallError("malformed", f"tool error: malformed call ({keyword.arg} is not a literal)") from None
-    return call.func.id, args
+            return ast.literal_eval(node)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ToolCallError("malformed", f"tool error: malformed call ({what} is not a literal)") from None
+
+    positional = [literal(node, f"argument {i + 1}") for i, node in enumerate(call.args)]
+    return call.func.id, positional, {k.arg: literal(k.value, k.arg) for k in call.keywords}
+
+
+def _bind(name: str, fn: Callable[..., float], positional: list[Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Positional values given to the tool's parameters in signature order (as in Python: not to keyword-only ones,
+    and never a parameter also named)."""
+    if not positional:
+        return args
+    order = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    if len(positional) > len(order):
+        raise ToolCallError("arguments", f"tool error: bad arguments for {name} (at most {len(order)} positional)")
+    twice = sorted(set(order[:len(positional)]) & set(args))
+    if twice:
+        raise ToolCallError("arguments", f"tool error: bad arguments for {name} ({', '.join(twice)} given twice)")
+    return {**dict(zip(order, positional)), **args}
 
 
 def _parse_json(body: str) -> tuple[str, dict[str, Any]]:
@@ -233,8 +263,8 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lamb
 def calc(expression: str) -> float:
     """The value of an arithmetic expression over numbers with + - * / // % and parentheses (no powers, no names).
 
-    >>> calc("2+3*4")
-    14
+    Args:
+        expression: the expression, e.g. "37*24" or "(2+3)*4"
     """
     if len(expression) > 200:
         raise ValueError("expression longer than 200 characters")
