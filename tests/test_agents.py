@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.scripted_engine import SAMPLED_LOGP, ScriptedEngine
 from unipo.agents import episode_stats, episodes_to_batch, information_gain, render, run_episodes
 from unipo.cli import app
 from unipo.core.advantages import compute_advantages
@@ -18,29 +19,10 @@ from unipo.core.turns import discounted_turn_returns
 from unipo.envs.games import Calculator, GuessNumber
 from unipo.envs.tools import ToolRunner
 from unipo.models import load_model
-from unipo.rollout import Generation, pad_sequences, policy_logprobs
+from unipo.rollout import policy_logprobs
 from unipo.tasks.base import Problem
 
 F64 = torch.float64
-SAMPLED_LOGP = -0.25
-
-
-class ScriptedEngine:
-    """An engine whose action for a prompt is `policy(prompt text)`, with log-prob SAMPLED_LOGP per token."""
-
-    logp_exact = True
-
-    def __init__(self, tokenizer, policy) -> None:
-        self.tokenizer, self.policy = tokenizer, policy
-
-    def generate(self, prompts, *, group_size, max_new_tokens, eos_token_id, pad_token_id, **_):
-        actions = [self.tokenizer(self.policy(self.tokenizer.decode(p)), add_special_tokens=False)["input_ids"]
-                   [:max_new_tokens] for p in prompts]
-        completions = [a + [eos_token_id] if len(a) < max_new_tokens else a for a in actions]
-        prompt_ids, prompt_mask = pad_sequences(prompts, pad_token_id, left=True)
-        ids, mask = pad_sequences(completions, pad_token_id, left=False)
-        return Generation(prompt_ids, prompt_mask, ids, mask, SAMPLED_LOGP * mask.float(),
-                          torch.tensor([len(a) >= max_new_tokens for a in actions]))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.scripted_engine import ScriptedEngine
 from unipo.agents import episodes_to_batch, render, run_episodes
 from unipo.cli import app
 from unipo.config import OptimConfig, RolloutConfig, TrainConfig, apply_overrides
@@ -23,32 +24,17 @@ from unipo.core.losses import compute_policy_loss
 from unipo.envs.games import GuessNumber
 from unipo.models import load_model
 from unipo.recipes import get_recipe
-from unipo.rollout import Generation, pad_sequences, policy_logprobs
+from unipo.rollout import policy_logprobs
 from unipo.trainer import Trainer
 from unipo.trees import TreeShape, grow_trees, tree_input, tree_shape, tree_stats
 
 F64 = torch.float64
-SAMPLED_LOGP = -0.25
 
 
-class RandomGuesser:
-    """An engine whose every action is a random guess 1..15 (seeded), log-prob SAMPLED_LOGP per token; it records
-    how many prompts each `generate` call got."""
-
-    logp_exact = True
-
-    def __init__(self, tokenizer, seed: int = 0) -> None:
-        self.tokenizer, self.rng, self.calls = tokenizer, random.Random(seed), []
-
-    def generate(self, prompts, *, group_size, max_new_tokens, eos_token_id, pad_token_id, **_):
-        self.calls.append(len(prompts))
-        actions = [self.tokenizer(str(self.rng.randint(1, 15)), add_special_tokens=False)["input_ids"]
-                   [:max_new_tokens] for _ in prompts]
-        completions = [a + [eos_token_id] if len(a) < max_new_tokens else a for a in actions]
-        prompt_ids, prompt_mask = pad_sequences(prompts, pad_token_id, left=True)
-        ids, mask = pad_sequences(completions, pad_token_id, left=False)
-        return Generation(prompt_ids, prompt_mask, ids, mask, SAMPLED_LOGP * mask.float(),
-                          torch.tensor([len(a) >= max_new_tokens for a in actions]))
+def RandomGuesser(tokenizer, seed: int = 0) -> ScriptedEngine:
+    """An engine whose every action is a random guess 1..15 (seeded)."""
+    rng = random.Random(seed)
+    return ScriptedEngine(tokenizer, lambda _: str(rng.randint(1, 15)))
 
 
 @pytest.fixture(scope="module")
