@@ -32,15 +32,9 @@ import torch
 
 from unipo.core import validate
 from unipo.core.advantages import ADVANTAGE_ESTIMATORS, _group_standardised, _pair_keys, _segments
+from unipo.core.turns import _per_episode
 
 TREE_INPUTS = ("episode_ids", "episode_rewards", "tree_ids")
-
-
-def _first_row(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first row of each distinct key, each row's key index 0..n-1)."""
-    index, n = validate.group_index(keys)
-    first = torch.full((n,), len(keys), dtype=torch.long, device=keys.device)
-    return first.scatter_reduce(0, index, torch.arange(len(keys), device=keys.device), "amin"), index
 
 
 def leaf_advantages(group_ids: torch.Tensor, tree_ids: torch.Tensor, episode_ids: torch.Tensor,
@@ -48,7 +42,7 @@ def leaf_advantages(group_ids: torch.Tensor, tree_ids: torch.Tensor, episode_ids
     """(A_inter, A_intra) per row (see the module docstring). ValueError if an episode's rows name two trees."""
     leaves = _pair_keys(group_ids, episode_ids)
     trees = _pair_keys(group_ids, tree_ids)
-    first, index = _first_row(leaves)
+    first, index = _per_episode(leaves, leaves)  # (each leaf's first row, each row's leaf)
     if not torch.equal(trees[first][index], trees):
         raise ValueError("tree_ids: every row of an episode must name the same tree")
     outcome = episode_rewards[first]  # one value per leaf
