@@ -32,4 +32,20 @@ def words(n: int) -> float:
     return "not a number"  # type: ignore[return-value]
 
 
-TOOLS = {f.__name__: f for f in (add, boom, sleepy, scribble, words)}
+def huge(n: int) -> float:  # an int beyond float's range
+    return 10 ** (400 + n)  # type: ignore[return-value]
+
+
+def describe(n: int) -> str:  # text with a newline and non-ASCII characters
+    return f"line one: {n}\nzwei: \u00fc \u2713"
+
+
+def flood(n: int) -> str:  # n two-byte characters
+    return "\u00e9" * n
+
+
+def mute(n: int) -> str:  # says text, returns a number
+    return n  # type: ignore[return-value]
+
+
+TOOLS = {f.__name__: f for f in (add, boom, sleepy, scribble, words, huge, describe, flood, mute)}

@@ -112,7 +112,8 @@ def test_each_tool_failure_gives_its_observation_and_count_and_the_episode_goes_
             ("<tool>add(a=1, b=</tool>", "tool error: malformed call (syntax error)"),
             ("<tool>add(1, 1+1)</tool>", "tool error: malformed call (argument 2 is not a literal)"),
             ("<tool>mul(a=1, b=2)</tool>",
-             "tool error: unknown tool mul (tools: add, boom, calc, scribble, sleepy, words)"),
+             "tool error: unknown tool mul (tools: add, boom, calc, describe, flood, huge, mute, scribble, sleepy, "
+             "words)"),
             ('<tool>add(a="1", b=2)</tool>', "tool error: bad arguments for add (a must be int)"),
             ("<tool>add(1, 2, 3)</tool>", "tool error: bad arguments for add (at most 2 positional)"),
             ('<tool>calc("1/0")</tool>', "tool error: calc raised an exception"),
@@ -133,5 +134,35 @@ def test_each_tool_failure_gives_its_observation_and_count_and_the_episode_goes_
         assert env.step(f'<tool>calc("{a}*{b}")</tool>') == (f"= {problem.answer}", 1.0, False,
                                                               {"tool_errors": 0, **tool_role})
         assert env.step(problem.answer)[:3] == ("correct", 1.0, True) and env.success()
+    finally:
+        runner.close()
+
+
+def test_a_text_tool_returns_its_text_verbatim_cut_at_4096_bytes_and_in_process_scoring_agrees():
+    """A `-> str` tool's value comes back through the sandbox's text channel as the text itself (newlines and
+    non-ASCII kept, nothing escaped or evaluated), cut at MAX_RESULT_TEXT bytes of UTF-8; a `-> str` tool that
+    returns a number is an error; number tools are unchanged. The sandbox's results equal in-process scoring's."""
+    from unipo.envs.tools import ToolResult
+    from unipo.tasks import Problem
+    from unipo.tasks.base import MAX_RESULT_TEXT, score_in_process
+
+    runner = ToolRunner({**TEST_TOOLS, "calc": calc}, timeout_s=2.0)
+    try:
+        assert runner("<tool>describe(3)</tool>") == ToolResult("line one: 3\nzwei: \u00fc \u2713")
+        assert MAX_RESULT_TEXT == 4096
+        assert runner("<tool>flood(2048)</tool>").observation == "\u00e9" * 2048  # exactly 4096 bytes
+        assert runner("<tool>flood(5000)</tool>").observation == "\u00e9" * 2048  # cut at 4096 bytes
+        assert runner('<tool>flood("x")</tool>').error == "arguments"
+        assert runner("<tool>mute(1)</tool>") == ToolResult("tool error: mute returned no text", "raised")
+        assert runner("<tool>huge(1)</tool>") == ToolResult("tool error: huge returned no number", "raised")
+        assert runner("<tool>add(1, 2)</tool>") == ToolResult("= 3", None, 3.0)
+        assert runner('<tool>calc("7/2")</tool>') == ToolResult("= 3.5", None, 3.5)
+        calls = [("describe", {"n": 5}), ("flood", {"n": 3000}), ("mute", {"n": 1}), ("add", {"a": 2, "b": 2}),
+                 ("boom", {"x": 1}), ("words", {"n": 1})]
+        problems = [Problem(prompt=name, answer="", demonstration=None, meta={"tool": name, "args": args})
+                    for name, args in calls]
+        sandboxed = runner.sandbox().score(runner.task, problems, [""] * len(problems))
+        assert sandboxed == score_in_process(runner.task, problems, [""] * len(problems))
+        assert sandboxed.texts[0] == "line one: 5\nzwei: \u00fc \u2713" and sandboxed.texts[3] == "4.0"
     finally:
         runner.close()

@@ -165,6 +165,12 @@ def test_malformed_records_are_rejected():
     assert _decode(b"\x09" + good[1:]) is None  # unknown kind
     assert _decode(b"") is None
     assert _decode(_record(3, 1, 7, 0.0, "\x1b[31mred\n"))[4] == "\\x1b[31mred\\n"  # shown escaped
+    # A successful result carries a text-returning task's text as it is, up to 4096 bytes; error text at most 240.
+    assert _decode(_record(3, 0, 7, 0.0, "a\n\u00fc"))[4] == "a\n\u00fc"
+    assert len(_record(3, 0, 7, 0.0, "x" * 5000)) == len(good) - 4 + 4096
+    assert len(_record(3, 1, 7, 0.0, "x" * 5000)) == len(good) - 4 + 240
+    assert _decode(struct.pack("<BBQdH", 3, 0, 7, 0.0, 4097) + b"x" * 4097) is None
+    assert _decode(struct.pack("<BBQdH", 3, 1, 7, 0.0, 241) + b"x" * 241) is None
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ CPU limit: a timeout; a crash: an error) or reports a blocked operation costs on
 - Protocol: the parent never unpickles anything a worker sends. Results are fixed-size binary
   records: an 8-byte random nonce per call that must be echoed (a scorer process cannot answer for
   calls it has not been given without reading the parent's nonces out of its memory), the reward as
-  a float64, at most 240 bytes of error text, shown escaped. A malformed or unexpected record counts
-  as an error on the call in progress and the worker is replaced.
+  a float64, at most 240 bytes of error text, shown escaped; a task that `returns_text` (tools) also gets
+  its text back, at most MAX_RESULT_TEXT (4096) bytes of UTF-8, decoded as text (never evaluated). A
+  malformed or unexpected record counts as an error on the call in progress and the worker is replaced.
 
 Not a boundary against everything: the processes run as the same user and can read what that user
 can read; the kernel-level layers (process-group kill, rlimits, seccomp, fork per chunk) are the
@@ -74,7 +75,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from unipo.tasks.base import Problem, ScoreResult, Task, cap_completions, check_reward
+from unipo.tasks.base import (
+    MAX_RESULT_TEXT,
+    Problem,
+    ScoreResult,
+    Task,
+    cap_completions,
+    check_reward,
+    split_text_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +98,11 @@ MAX_FILE_BYTES = 1 << 20
 # an unsafe task needs the usual `if __name__ == "__main__":` guard.
 PRELOAD = ["__main__", "unipo.sandbox", "unipo.tasks", "reasoning_gym", "math_verify"]
 
-# Worker -> parent records: kind, status, nonce, reward, text length, then the text.
+# Worker -> parent records: kind, status, nonce, reward, text length, then the text: error text (at most
+# _MAX_TEXT bytes) or, in a successful result of a `returns_text` task, its text (at most MAX_RESULT_TEXT bytes).
 _RECORD = struct.Struct("<BBQdH")
 _MAX_TEXT = 240
-_MAX_RECORD = _RECORD.size + _MAX_TEXT
+_MAX_RECORD = _RECORD.size + MAX_RESULT_TEXT
 _LOADED, _LOAD_FAILED, _RESULT, _CHUNK_END = 1, 2, 3, 4
 _KINDS = (_LOADED, _LOAD_FAILED, _RESULT, _CHUNK_END)
 _OK, _ERROR, _BLOCKED = 0, 1, 2
@@ -279,6 +289,7 @@ class _Call:
         self.problems, self.completions = problems, completions
         n = len(problems)
         self.rewards = [0.0] * n
+        self.texts: list[str] | None = [""] * n if getattr(task, "returns_text", False) else None
         self.errors = self.timeouts = 0
         self.replaced_in_a_row = 0  # replacements since the last answered call (a guard against a loop)
         self.first_error: str | None = None
@@ -318,7 +329,7 @@ class _Call:
         if self.errors or self.timeouts:
             logger.warning("task %s: %d scorer error(s) and %d timeout(s) in the reward sandbox scored 0; first: %s",
                            self.task.name, self.errors, self.timeouts, self.first_error)
-        return ScoreResult(self.rewards, self.errors, self.timeouts)
+        return ScoreResult(self.rewards, self.errors, self.timeouts, texts=self.texts)
 
     # -- protocol -----------------------------------------------------------------------
     def _assign(self, worker: _Worker, chunk: list[int]) -> None:
@@ -403,6 +414,8 @@ class _Call:
         if status == _OK:
             try:
                 self.rewards[index] = getattr(self.task, "check_score", check_reward)(reward)  # Task.check_score
+                if self.texts is not None:
+                    self.texts[index] = text
             except (TypeError, ValueError) as error:
                 self._error(f"ValueError: {error}")
         else:
@@ -450,10 +463,16 @@ def _decode(data: bytes) -> tuple[int, int, int, float, str] | None:
     if len(data) < _RECORD.size:
         return None
     kind, status, nonce, reward, length = _RECORD.unpack_from(data)
-    if length > _MAX_TEXT or len(data) != _RECORD.size + length or kind not in _KINDS:
+    if length > _text_limit(kind, status) or len(data) != _RECORD.size + length or kind not in _KINDS:
         return None
-    text = data[_RECORD.size:].decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
-    return kind, status, nonce, reward, text[:_MAX_TEXT]
+    text = data[_RECORD.size:].decode("utf-8", "replace")
+    if kind == _RESULT and status == _OK:  # a text-returning task's result: the text itself
+        return kind, status, nonce, reward, text
+    return kind, status, nonce, reward, text.encode("unicode_escape").decode("ascii")[:_MAX_TEXT]
+
+
+def _text_limit(kind: int, status: int) -> int:
+    return MAX_RESULT_TEXT if kind == _RESULT and status == _OK else _MAX_TEXT
 
 
 def _has_data(conn: Any) -> bool:
@@ -610,7 +629,10 @@ def _score_chunk(conn: Any, task: Task, items: list, cpu_per_call: int, state: d
         _limit_cpu(cpu_per_call)
         state["phase"] = "scoring"
         try:
-            reward, status, text = float(task.score(problem, completion)), _OK, ""
+            value, text = task.score(problem, completion), ""
+            if getattr(task, "returns_text", False):
+                value, text = split_text_result(value)
+            reward, status = float(value), _OK
         except BaseException as error:  # noqa: BLE001 - SystemExit and MemoryError included
             reward, status, text = 0.0, _ERROR, f"{type(error).__name__}: {error}"
         state["phase"] = "idle"
@@ -623,7 +645,7 @@ def _score_chunk(conn: Any, task: Task, items: list, cpu_per_call: int, state: d
 
 
 def _record(kind: int, status: int, nonce: int, reward: float, text: str) -> bytes:
-    data = text.encode("utf-8", "replace")[:_MAX_TEXT]
+    data = text.encode("utf-8", "replace")[:_text_limit(kind, status)]
     return _RECORD.pack(kind, status, nonce, reward, len(data)) + data
 
 

@@ -1,8 +1,8 @@
 """Tools: plain Python functions with typed signatures, called by the model, run in the reward sandbox.
 
 A tool is a module-level function whose parameters are annotated `str`, `int`, `float` or `bool` and which returns
-a number, registered with `@register_tool` (name = the function's name, doc = its docstring). The model calls one
-in either of two formats, found anywhere in its action:
+a number (`-> float` or `-> int`) or text (`-> str`), registered with `@register_tool` (name = the function's name,
+doc = its docstring). The model calls one in either of two formats, found anywhere in its action:
 
     <tool>calc("2+3")</tool>  or  <tool>calc(expression="2+3")</tool>            the built-in format (tiny model)
     <tool_call>{"name": "calc", "arguments": {"expression": "2+3"}}</tool_call>  the JSON tool-call format of
@@ -16,19 +16,22 @@ no unknown names, none given twice.
 
 The call itself runs in a reward-sandbox worker (`unipo.sandbox.RewardSandbox`: rlimits, seccomp, the audit hook,
 a wall-clock limit, `ToolRunner(timeout_s=...)`), never in the training process: tool code and the arguments the
-model wrote only meet there. The sandbox answers with one float64 per call, so a tool returns a number (a
-text-returning tool needs a text channel in the sandbox protocol: not built yet).
+model wrote only meet there. The sandbox sends back a result code and the value's text (its text channel: at most
+4096 bytes of UTF-8, `unipo.tasks.base.MAX_RESULT_TEXT`; a longer text is cut there), decoded as text and never
+evaluated: a number is read back with `float()`, text is shown to the model as it is.
 
 What the model reads back (`ToolResult.observation`), and what counts as a tool error (`env/tool_errors`):
 
 | case                                         | observation                                      | error     |
 |----------------------------------------------|--------------------------------------------------|-----------|
-| ok                                           | `= <value>` (an integral value without `.0`)     | none      |
+| ok, a number                                 | `= <value>` (an integral value without `.0`)     | none      |
+| ok, text (a `-> str` tool)                   | the text itself (at most 4096 bytes)             | none      |
 | no call, bad syntax, a non-literal argument  | `tool error: malformed call (<why>)`             | malformed |
 | a name that is not a tool                    | `tool error: unknown tool <name> (tools: a, b)`  | unknown   |
 | wrong argument names, types or count         | `tool error: bad arguments for <name> (<why>)`   | arguments |
 | the tool raised                              | `tool error: <name> raised an exception`         | raised    |
-| the tool returned something not a number     | `tool error: <name> returned no number`          | raised    |
+| it returned what its annotation does not say | `tool error: <name> returned no number` (or      | raised    |
+| (not a finite number; not a str for `-> str`)| `returned no text` for a `-> str` tool)          |           |
 | it ran past the time limit                   | `tool error: <name> timed out`                   | timeout   |
 | it did what the sandbox forbids (writing a   | `tool error: <name> was stopped by the sandbox`  | forbidden |
 | file, a subprocess, ...) or crashed          |                                                  |           |
@@ -49,22 +52,26 @@ from typing import Any, Callable
 from unipo.core.registry import Registry
 from unipo.tasks.base import Problem, Task
 
-TOOLS: Registry[Callable[..., float]] = Registry("tool")
+TOOLS: Registry[Callable[..., Any]] = Registry("tool")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, str: str, int: int, float: float, bool: bool}
 _BUILTIN = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
 _JSON = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_RAISED, _NOT_A_NUMBER = math.inf, -math.inf  # the sandboxed wrapper's codes (a tool's own value is finite)
+# The sandboxed wrapper's result codes (the number channel); the value itself travels as text.
+_NUMBER, _TEXT, _RAISED, _WRONG_TYPE = 0, 1, 2, 3
 
 
-def register_tool(fn: Callable[..., float]) -> Callable[..., float]:
+def register_tool(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Register a module-level function as a tool: its parameters annotated str, int, float or bool, and its
     docstring a description plus an `Args:` line for each parameter (what a chat template shows the model, through
     transformers' `get_json_schema`: `unipo.agents.tool_schemas`)."""
     from transformers.utils import get_json_schema
 
-    for param in inspect.signature(fn).parameters.values():
+    signature = inspect.signature(fn)
+    for param in signature.parameters.values():
         if param.annotation not in _TYPES or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
             raise ValueError(f"tool {fn.__name__}: parameter {param.name} must be a named str, int, float or bool")
+    if _TYPES.get(signature.return_annotation) not in (float, int, str):
+        raise ValueError(f"tool {fn.__name__}: annotate what it returns: -> float, -> int or -> str")
     try:
         get_json_schema(fn)
     except Exception as err:  # transformers' DocstringParsingException / TypeHintParsingException
@@ -94,7 +101,7 @@ def find_call(text: str) -> str | None:
     return match.group(0) if match else None
 
 
-def parse_call(text: str, tools: dict[str, Callable[..., float]]) -> ToolCall:
+def parse_call(text: str, tools: dict[str, Callable[..., Any]]) -> ToolCall:
     """The tool call in `text`, checked against `tools`' signatures; ToolCallError otherwise."""
     builtin, as_json = _BUILTIN.search(text), _JSON.search(text)
     positional: list[Any] = []
@@ -131,7 +138,7 @@ def _parse_builtin(body: str) -> tuple[str, list[Any], dict[str, Any]]:
     return call.func.id, positional, {k.arg: literal(k.value, k.arg) for k in call.keywords}
 
 
-def _bind(name: str, fn: Callable[..., float], positional: list[Any], args: dict[str, Any]) -> dict[str, Any]:
+def _bind(name: str, fn: Callable[..., Any], positional: list[Any], args: dict[str, Any]) -> dict[str, Any]:
     """Positional values given to the tool's parameters in signature order (as in Python: not to keyword-only ones,
     and never a parameter also named)."""
     if not positional:
@@ -156,7 +163,7 @@ def _parse_json(body: str) -> tuple[str, dict[str, Any]]:
     return data["name"], dict(data.get("arguments", {}))
 
 
-def _check_args(name: str, fn: Callable[..., float], args: dict[str, Any]) -> dict[str, Any]:
+def _check_args(name: str, fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
     unknown = sorted(set(args) - set(params))
     missing = [p for p in params if p not in args and params[p].default is inspect.Parameter.empty]
@@ -172,51 +179,65 @@ def _check_args(name: str, fn: Callable[..., float], args: dict[str, Any]) -> di
 
 
 # -- running in the sandbox ------------------------------------------------------------------------------------
+def returns_text(fn: Callable[..., Any]) -> bool:
+    """Whether a tool is annotated `-> str` (its value is shown as text; any other tool's must be a number)."""
+    return _TYPES.get(inspect.signature(fn).return_annotation) is str
+
+
 class ToolTask(Task):
-    """The sandbox's view of tool calls: `score(problem, _)` runs `problem.meta`'s call and returns its value
-    (any float: `check_score` lets every non-NaN float through; inf / -inf are this wrapper's codes for a tool
-    that raised / returned no number). Holds the functions by reference, so a worker imports their module."""
+    """The sandbox's view of tool calls: `score(problem, _)` runs `problem.meta`'s call and returns (code, text):
+    (_NUMBER, repr of the float) or (_TEXT, the text) for a value of the type the tool's annotation says, (_RAISED,
+    "") when it raised, (_WRONG_TYPE, "") for any other value. Holds the functions by reference, so a worker
+    imports their module."""
 
     name = "tool_call"
     max_new_tokens = 0
     scorer_is_safe = False
+    returns_text = True
     # No warm-up: a sandbox worker warms a task up by scoring the first problem of its first chunk *before* it
     # confines itself (fine for a task's gold answer); here the problem holds the model's arguments.
     warm_up = False
 
-    def __init__(self, tools: dict[str, Callable[..., float]]) -> None:
+    def __init__(self, tools: dict[str, Callable[..., Any]]) -> None:
         self.tools = dict(tools)
 
     def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]:
         raise NotImplementedError("a tool call is not a task to train on")
 
-    def score(self, problem: Problem, completion: str) -> float:
+    def score(self, problem: Problem, completion: str) -> tuple[float, str]:  # type: ignore[override]
+        fn = self.tools[problem.meta["tool"]]
         try:
-            value = self.tools[problem.meta["tool"]](**problem.meta["args"])
+            value = fn(**problem.meta["args"])
         except Exception:  # noqa: BLE001 - any exception of the tool is the model's information, not ours
-            return _RAISED
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return _NOT_A_NUMBER
-        return float(value)
+            return _RAISED, ""
+        if returns_text(fn):
+            return (_TEXT, value) if isinstance(value, str) else (_WRONG_TYPE, "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _WRONG_TYPE, ""
+        try:
+            number = float(value)  # (an int beyond float's range raises OverflowError)
+        except OverflowError:
+            return _WRONG_TYPE, ""
+        return (_NUMBER, repr(number)) if math.isfinite(number) else (_WRONG_TYPE, "")
 
     def check_score(self, value: object) -> float:
-        number = float(value)  # type: ignore[arg-type]
-        if math.isnan(number):
-            raise ValueError("a tool call returned NaN")
-        return number
+        code = float(value)  # type: ignore[arg-type]
+        if code not in (_NUMBER, _TEXT, _RAISED, _WRONG_TYPE):
+            raise ValueError(f"tool call: unknown result code {code!r}")
+        return code
 
 
 @dataclass(frozen=True)
 class ToolResult:
     observation: str
     error: str | None = None  # None, malformed, unknown, arguments, raised, timeout or forbidden
-    value: float | None = None
+    value: float | None = None  # a number-returning tool's value (None for a text-returning one, or an error)
 
 
 class ToolRunner:
     """Runs the tool call in a model's action in a reward sandbox of its own (one worker, `timeout_s` per call)."""
 
-    def __init__(self, tools: dict[str, Callable[..., float]] | None = None, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, tools: dict[str, Callable[..., Any]] | None = None, *, timeout_s: float = 2.0) -> None:
         self.tools = dict(tools if tools is not None else TOOLS)
         self.task = ToolTask(self.tools)
         self.timeout_s = timeout_s
@@ -240,11 +261,20 @@ class ToolRunner:
             return ToolResult(f"tool error: {call.name} timed out", "timeout")
         if result.errors:
             return ToolResult(f"tool error: {call.name} was stopped by the sandbox", "forbidden")
-        value = result.rewards[0]
-        if value == _RAISED:
+        code, text = result.rewards[0], result.texts[0]
+        if code == _RAISED:
             return ToolResult(f"tool error: {call.name} raised an exception", "raised")
-        if value == _NOT_A_NUMBER:
-            return ToolResult(f"tool error: {call.name} returned no number", "raised")
+        if code == _WRONG_TYPE:
+            wanted = "text" if returns_text(self.tools[call.name]) else "number"
+            return ToolResult(f"tool error: {call.name} returned no {wanted}", "raised")
+        if code == _TEXT:
+            return ToolResult(text)
+        try:
+            value = float(text)  # the wrapper's repr of a finite float: read back, never evaluated
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            return ToolResult(f"tool error: {call.name} was stopped by the sandbox", "forbidden")  # a forged record
         shown = str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
         return ToolResult(f"= {shown}", None, value)
 

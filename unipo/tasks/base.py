@@ -68,6 +68,9 @@ class Task(ABC):
     # in its length (the built-in verifiers); any other task is scored in the reward sandbox,
     # which needs the task to be picklable (or to re-create itself in the worker via __reduce__).
     scorer_is_safe: bool = False
+    # True for a task whose `score` returns (number, text) rather than a number: the reward sandbox sends the text
+    # back too (`ScoreResult.texts`, at most MAX_RESULT_TEXT bytes of UTF-8). Tools use it (`unipo.envs.tools`).
+    returns_text: bool = False
 
     @abstractmethod
     def sample(self, n: int, *, seed: int, split: str = "train") -> list[Problem]: ...
@@ -265,6 +268,7 @@ class ScoreResult:
     errors: int = 0
     timeouts: int = 0
     truncated: int = 0
+    texts: list[str] | None = None  # a `returns_text` task's texts ("" where the call failed); else None
 
 
 def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str], *,
@@ -300,19 +304,38 @@ def cap_completions(completions: Sequence[str]) -> tuple[list[str], int]:
 def score_in_process(task: Task, problems: Sequence[Problem], completions: Sequence[str]) -> ScoreResult:
     """`task.score` on each pair in this process (for scorers that are safe to run here), errors counted."""
     rewards: list[float] = []
+    texts: list[str] | None = [] if getattr(task, "returns_text", False) else None  # (duck-typed tasks too)
     errors = 0
     first_error: str | None = None
     for problem, completion in zip(problems, completions):
+        text = ""
         try:
-            reward = getattr(task, "check_score", check_reward)(task.score(problem, completion))
+            value = task.score(problem, completion)
+            if texts is not None:
+                value, text = split_text_result(value)
+            reward = getattr(task, "check_score", check_reward)(value)
         except Exception as error:  # noqa: BLE001 - any scorer failure becomes reward 0
             errors += 1
             first_error = first_error or f"{type(error).__name__}: {error}"
-            reward = 0.0
+            reward, text = 0.0, ""
         rewards.append(reward)
+        if texts is not None:
+            texts.append(text)
     if errors:
         logger.warning("task %s: %d scorer error(s) scored 0; first: %s", task.name, errors, first_error)
-    return ScoreResult(rewards, errors)
+    return ScoreResult(rewards, errors, texts=texts)
+
+
+MAX_RESULT_TEXT = 4096  # bytes of UTF-8 a `returns_text` task's text keeps (the sandbox's record limit)
+
+
+def split_text_result(value: object) -> tuple[float, str]:
+    """A `returns_text` task's (number, text), the text cut to MAX_RESULT_TEXT bytes of UTF-8; TypeError if
+    `value` is not such a pair."""
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str)):
+        raise TypeError(f"a text-returning scorer must return (number, str), got {type(value).__name__}")
+    text = value[1].encode("utf-8", "replace")[:MAX_RESULT_TEXT].decode("utf-8", "ignore")
+    return float(value[0]), text
 
 
 def check_reward(value: object) -> float:
