@@ -255,27 +255,57 @@ def episode_stats(episodes: list[Episode]) -> dict[str, float]:
 def collect_episodes(collector, *, seed: int, step: int):
     """The collector's step for `recipe.data = episodes` (`RolloutCollector.collect` dispatches here): this rank's
     share of `prompts_per_step` problems of `collector.env`, `group_size` episodes each (less `expert_per_group`
-    replayed demonstrations unless `expert_in_addition`)."""
+    replayed demonstrations unless `expert_in_addition`).
+
+    `recipe.dynamic_sampling` (DAPO's filter, on episodes): a problem whose own episodes all succeed or all fail is
+    dropped, and more problems are drawn (`rollout.max_resample_tries` extra rounds at most) until the step has its
+    share of problems with mixed success. `recipe.zero_truncated`: an episode with an action cut off (at the action
+    or the episode token budget) has outcome 0, whatever the environment says (its turn rewards and success stay
+    the environment's, as `correct` stays the verifier's on single-turn rows). The env/ metrics are over every
+    episode played this step, kept or not."""
     from unipo.collect import _mix_seed
+    from unipo.slots import recipe_inputs
 
     env_cls = get_env(collector.env or "guess_number")
     r, cfg = collector.recipe, collector.cfg
     want_all = math.ceil(r.prompt_multiplier * cfg.prompts_per_step)
-    problems = env_cls.sample(want_all, seed=_mix_seed(seed, step, 0), split="train")
-    problems = problems[collector.rank::collector.world_size]
+    want = len(range(collector.rank, want_all, collector.world_size))
     n_expert = r.expert_per_group
     n_policy = cfg.group_size if (r.expert_in_addition or not n_expert) else cfg.group_size - n_expert
-    episodes = run_episodes(collector.engine, collector.tokenizer, env_cls, problems, n_policy,
-                            max_new_tokens=cfg.max_new_tokens or env_cls.max_action_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, generator=collector.generator)
-    if n_expert:
-        episodes += expert_episodes(collector.tokenizer, env_cls, problems, n_expert)
-    from unipo.slots import recipe_inputs
-
+    played: list[Episode] = []
+    policy: list[Episode] = []
+    expert: list[Episode] = []
+    kept = tries = 0
+    while True:
+        draw = env_cls.sample(want_all, seed=_mix_seed(seed, step, tries), split="train")
+        problems = draw[collector.rank::collector.world_size]
+        tries += 1
+        episodes = run_episodes(collector.engine, collector.tokenizer, env_cls, problems, n_policy,
+                                max_new_tokens=cfg.max_new_tokens or env_cls.max_action_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p, generator=collector.generator)
+        if n_expert:
+            episodes += expert_episodes(collector.tokenizer, env_cls, problems, n_expert)
+        played += episodes
+        for i in range(len(problems)):
+            own = [e for e in episodes if e.group == i and not e.expert]
+            if kept >= want or (r.dynamic_sampling and len({e.success for e in own}) < 2):
+                continue  # enough problems, or one whose episodes all agree (no signal for a group baseline)
+            for episode in episodes:
+                if episode.group == i:
+                    episode.group = kept
+                    (expert if episode.expert else policy).append(episode)
+            kept += 1
+        if not r.dynamic_sampling or kept >= want or tries > cfg.max_resample_tries:
+            break
+    episodes = policy + expert
+    if r.zero_truncated:
+        for episode in episodes:
+            if any(turn.truncated for turn in episode.turns):
+                episode.outcome = 0.0
     if "info_gain" in recipe_inputs(r):  # IGPO's turn rewards: one more no-grad forward per turn
         information_gain(collector.model, collector.tokenizer, episodes, collector.device)
-    stats = {"rollout/generation_rounds": 1.0, "rollout/groups_kept": float(len(problems)),
-             "rollout/reward_timeouts": 0.0, **episode_stats(episodes)}
+    stats = {"rollout/generation_rounds": float(tries), "rollout/groups_kept": float(kept),
+             "rollout/reward_timeouts": 0.0, **episode_stats(played)}
     if not episodes:
         return collector._empty(), stats
     batch = episodes_to_batch(episodes, collector.tokenizer, collector.device, signed=r.reward_scale == "signed",

@@ -491,6 +491,10 @@ class TrainConfig:
                 raise ValueError(f"recipe {self.recipe.name} replays expert demonstrations (recipe.expert_per_group="
                                  f"{self.recipe.expert_per_group}), but environment {self.env} has none")
         r, g = self.recipe, self.rollout.group_size
+        for flag in ("dynamic_sampling", "zero_truncated"):  # built for single-turn rows and data=episodes only
+            if getattr(r, flag) and r.data in ("tree_episodes", "turn_pairs"):
+                raise ValueError(f"recipe.{flag}=true is not built for recipe.data={r.data} (recipe {r.name}); "
+                                 f"it applies to single-turn rollouts and data=episodes")
         if r.data == "tree_episodes":
             from unipo.trees import tree_shape
 
