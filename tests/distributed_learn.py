@@ -40,11 +40,15 @@ CASES = {  # recipe -> optimizer steps per batch (their own settings otherwise):
     "ppo": 1,
     "mt_grpo": 2,  # multi-turn episodes (one row per turn; per-turn statistics over the group's episodes)
     "epo": 1,  # EPO's entropy history: per-turn means over the global batch
+    "archer": 1,  # a stateful critic: each rank's replica trained on the global batch (DDP only; FSDP refuses it)
 }
 
 
 def config_for(name: str, parallel: str) -> TrainConfig:
     recipe = dataclasses.replace(get_recipe(name), mini_batches=CASES[name], epochs=1)
+    if name == "archer":  # no warm-up (its advantage would be 0), and a small critic update
+        recipe = dataclasses.replace(recipe, advantage_params={**recipe.advantage_params, "warmup_steps": 0},
+                                     baseline_params={**recipe.baseline_params, "critic_steps": 2, "critic_batch": 8})
     env = "guess_number" if recipe.data == "episodes" else None
     return TrainConfig(recipe=recipe, task="sort", model="tiny", steps=4, seed=3, parallel=parallel, env=env,
                        rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=12),
@@ -118,12 +122,21 @@ def main(out: Path, parallel_mode: str) -> None:
         if parallel.fsdp and get_recipe(name).value_coef > 0:
             continue  # FSDP refuses a value head (TrainConfig)
         config = config_for(name, parallel_mode)
+        if parallel.fsdp and name == "archer":  # refused in one line when the trainer is built, on every rank
+            try:
+                learn(config, fixed_batch(config), None)
+            except ValueError as error:
+                if parallel.is_main:
+                    (out / "archer.fsdp_refusal.txt").write_text(str(error))
+            continue
         ordered, origin = sharded_order(fixed_batch(config), WORLD)
         if parallel.active:
             assert parallel.world_size == WORLD
             local = ordered.rows(origin == parallel.rank)
             local.prompt_index = local.prompt_index - int(local.prompt_index.min())  # as a rank's collector numbers
             local.group_ids = torch.where(local.group_ids < 0, -(local.prompt_index + 1), local.prompt_index)
+            if local.episode_ids is not None:  # a rank's collector numbers its own episodes from 0 too
+                local.episode_ids = torch.unique(local.episode_ids, return_inverse=True)[1]
             rebuilt, rebuilt_origin = gather_batch(local, parallel)
             for field in ("prompt_index", "group_ids", "rewards", "off_policy", "completion_mask", "completion_ids",
                           "prompt_mask", "prompt_ids", "sampling_logp"):
@@ -135,6 +148,9 @@ def main(out: Path, parallel_mode: str) -> None:
                                                                                               b[:, :width])
                 assert torch.equal(a, b), f"gather_batch changed {field}"
             assert rebuilt.texts == ordered.texts and torch.equal(rebuilt_origin, origin)
+            if ordered.episode_ids is not None:  # the same rows form the same episodes (ids unique across ranks)
+                a, b = rebuilt.episode_ids, ordered.episode_ids
+                assert torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :]), "gather_batch merged episodes"
             trainer = learn(config, rebuilt, rebuilt_origin)
         else:
             trainer = learn(config, ordered, None)

@@ -20,6 +20,7 @@ class ScriptedEngine:
 
     def generate(self, prompts, *, group_size, max_new_tokens, eos_token_id, pad_token_id, **_):
         self.calls.append(len(prompts))
+        prompts = [p for p in prompts for _ in range(group_size)]  # row i * group_size + j: prompt i's j-th sample
         actions = [self.tokenizer(self.policy(self.tokenizer.decode(p)), add_special_tokens=False)["input_ids"]
                    [:max_new_tokens] for p in prompts]
         completions = [a + [eos_token_id] if len(a) < max_new_tokens else a for a in actions]

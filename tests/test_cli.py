@@ -45,6 +45,24 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, monkeypa
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_nproc_checks_the_settings_before_it_launches_torchrun(tmp_path, monkeypatch):
+    """`--nproc N` with a bad setting is one line from this process, not a traceback from each of torchrun's ranks;
+    good settings launch torchrun (here a stand-in that records the call)."""
+    import unipo.cli
+
+    launched = []
+    monkeypatch.setattr(unipo.cli, "launch_torchrun", lambda nproc: launched.append(nproc) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    bad = run("train", "--recipe", "archer", "--env", "guess_number", "--nproc", "2", "checkpoint_every=3")
+    assert bad.exit_code == 2 and launched == []
+    assert [line for line in bad.output.splitlines() if line.strip()][0].startswith(
+        "error: unknown config key 'checkpoint_every'")
+    assert run("train", "--recipe", "nope", "--nproc", "2").exit_code == 2 and launched == []
+    good = run("train", "--recipe", "archer", "--env", "guess_number", "--nproc", "2", "save_every=3")
+    assert good.exit_code == 0 and launched == [2] and not (tmp_path / "runs").exists()
+
+
 def test_recipes_table_lists_every_recipe_and_show_prints_its_slots():
     listing = run("recipes")
     assert listing.exit_code == 0

@@ -24,7 +24,7 @@ LAUNCH_TIMEOUT_S = 300
 # Gradients of N processes against one, relative to the largest gradient entry. float32 sums the same terms in
 # another order (and, with two optimizer steps, AdamW's first step amplifies that): measured up to 2.2e-5.
 TOLERANCE = 1e-4
-RECIPES = ("grpo", "dapo", "reinforce_pp", "high_entropy", "luffy_paper", "ppo", "mt_grpo", "epo")
+RECIPES = ("grpo", "dapo", "reinforce_pp", "high_entropy", "luffy_paper", "ppo", "mt_grpo", "epo", "archer")
 
 
 def _env() -> dict[str, str]:
@@ -68,9 +68,13 @@ def test_two_processes_compute_the_one_process_update(mode, one_process, tmp_pat
     batch statistics and quotas over its own rows, then averaging, as DDP over rank-local losses would) differs
     by far more than the tolerance in every case."""
     _run(_torchrun(str(SCRIPT), str(tmp_path), f"parallel={mode}"))
+    if mode == "fsdp":  # ArCHer's critic copies the whole policy: refused under FSDP, in one line
+        assert (tmp_path / "archer.fsdp_refusal.txt").read_text() == (
+            "archer_critic copies the whole policy and samples from it on every rank: FSDP shards it; use "
+            "parallel=ddp")
     for name in RECIPES:
-        if mode == "fsdp" and name == "ppo":
-            continue  # FSDP refuses a value head (TrainConfig)
+        if mode == "fsdp" and name in ("ppo", "archer"):
+            continue  # FSDP refuses a value head (TrainConfig) and ArCHer's critic
         single = load_file(str(one_process / f"{name}.grad.safetensors"))
         parallel = load_file(str(tmp_path / f"{name}.grad.safetensors"))
         naive = load_file(str(one_process / f"{name}.naive.safetensors"))
@@ -118,3 +122,19 @@ def test_resume_at_two_processes_from_one(tmp_path):
     _train("--resume", "--out", str(run), "--steps", "2", nproc=2, cwd=tmp_path)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sweet_rl_critic_replicas_learn_from_every_ranks_episodes(mode, tmp_path):
+    """SWEET-RL's critic learns inside collection: at 2 processes (DDP) each rank's critic is given the global batch
+    of episodes (both ranks' rows), and after the step the replicas are bit-identical and have moved. FSDP refuses
+    the recipe in one line."""
+    _run(_torchrun(str(SCRIPT.parent / "sweet_distributed.py"), str(tmp_path), f"parallel={mode}"), cwd=ROOT)
+    if mode == "fsdp":
+        assert (tmp_path / "sweet.fsdp_refusal.txt").read_text() == (
+            "sweet_critic copies the whole policy and samples from it on every rank: FSDP shards it; use "
+            "parallel=ddp")
+        return
+    result = json.loads((tmp_path / "sweet.json").read_text())
+    assert min(result["collected"]) > 0 and result["prepared"] == [sum(result["collected"])] * 2
+    assert result["replicas_equal"] and result["moved"] > 0 and result["critic_pairs"] > 0

@@ -22,6 +22,10 @@ backbone's context, as their tokenizer truncates), `backbone="tiny"` a fresh ran
 model's shape over the policy's vocabulary (cheap for a large policy). `train_backbone=False` freezes the encoder
 (only the heads learn). The critic has its own AdamW (no weight decay: the authors' Adam), gradient-norm clip and
 random streams (buffer draws, fresh actions), all in its checkpoint state with the buffer.
+
+Processes: under torchrun with DDP each rank trains its own replica of the critic on the global batch with the same
+random streams, so the replicas agree and no critic traffic is needed (tests/test_distributed.py checks the update
+at 2 processes against one); FSDP is refused (the critic copies and samples from the whole policy).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from unipo.core.archer import (
     soft_update_target,
     td_targets,
 )
-from unipo.critics import BASELINES, StatefulBaseline
+from unipo.critics import BASELINES, StatefulBaseline, require_whole_model
 
 BACKBONES = ("copy", "tiny")
 
@@ -203,10 +207,10 @@ class ArcherCritic(StatefulBaseline):
     def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
         from unipo.models import TINY_SIZES, context_length
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ValueError("archer_critic runs in one process (its copy of the policy and its fresh actions need the "
-                             "whole model)")
+        # Under torchrun every rank keeps a whole replica of the critic: `prepare` and `baseline` get the global
+        # batch (`Trainer.learn`), draws and fresh actions come from streams seeded alike, and a DDP policy is whole
+        # on every rank, so the replicas stay equal without communicating. FSDP2's policy is sharded in place.
+        require_whole_model(model, "archer_critic")
         self.policy, self.device = model, torch.device(device)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos

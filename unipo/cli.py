@@ -278,6 +278,15 @@ def train(
     --nproc N runs N processes under torchrun (the same as `torchrun --nproc_per_node N -m unipo train ...`).
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if not resume:  # a bad setting: one line here, not a traceback from each of torchrun's ranks
+            try:
+                if config_file:
+                    config_from_file(ctx, config_file, ctx.args)
+                else:
+                    build_config(recipe, task, model, 50 if steps is None else steps, seed, out, ctx.args,
+                                 pairs=data, env=env)
+            except USER_ERRORS as err:
+                fail(str(err))
         raise typer.Exit(launch_torchrun(nproc))
     try:
         if resume:

@@ -132,7 +132,8 @@ class RolloutCollector:
     def __init__(self, model, tokenizer, task: Task, recipe: Recipe, rollout: RolloutConfig,
                  *, max_new_tokens: int, device: torch.device, generator: torch.Generator,
                  shard: tuple[int, int] = (0, 1), engine=None, pairs: str | None = None,
-                 oracle: str = "task", reference=None, env: str | None = None, critic=None) -> None:
+                 oracle: str = "task", reference=None, env: str | None = None, critic=None,
+                 gather=None) -> None:
         self.model, self.tokenizer, self.task, self.recipe = model, tokenizer, task, recipe
         # pair sources: the offline pairs' source (loaded on first use) and the preference oracle's spec
         self.pairs_source, self.oracle_spec = pairs, oracle
@@ -141,6 +142,9 @@ class RolloutCollector:
         # the trainer's stateful baseline (unipo.critics): turn_pairs' critic learns from the step's episodes and
         # ranks candidate actions during collection (unipo.sweet)
         self.critic = critic
+        # batch -> the global batch (every rank's rows; `unipo.distributed.gather_batch`) in a multi-process run:
+        # turn_pairs' critic learns from every rank's episodes, so its replicas stay equal
+        self.gather = gather
         self._pairs = None
         self._oracle = None
         self._tied = 0  # prompts whose samples all tied this step (no pair)

@@ -22,6 +22,15 @@ from torch import nn
 from unipo.core.advantages import value_tracker_mean, value_tracker_update
 from unipo.core.registry import Registry
 
+
+def require_whole_model(model: nn.Module, who: str) -> None:
+    """A critic that copies the policy, or samples from it, on every rank needs the whole model there: DDP keeps a
+    replica per rank, FSDP shards it in place (its parameters are DTensors). One-line ValueError under FSDP."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(f"{who} copies the whole policy and samples from it on every rank: FSDP shards it; use "
+                         f"parallel=ddp")
+
+
 # Stateful baselines a recipe can choose (`Recipe.baseline`): built once per run, fed each step's rollouts,
 # saved in checkpoints. The value head is PPO's own critic (`Recipe.value_coef`), trained by the loss.
 BASELINES: Registry = Registry("baseline")

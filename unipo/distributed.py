@@ -313,13 +313,19 @@ def shutdown(*holders: Any) -> None:
 # -- the global batch ------------------------------------------------------------------------------
 def gather_batch(batch, parallel: Parallel):
     """Every rank's `RolloutBatch` concatenated in rank order (prompts renumbered so that each rank's prompts
-    follow the previous rank's), on every rank; and `origin`, the rank that holds each row."""
+    follow the previous rank's, and so are a multi-turn batch's episodes and search trees: each rank numbers its own
+    from 0), on every rank; and `origin`, the rank that holds each row."""
     from unipo.collect import RolloutBatch
 
     if not parallel.active:
         return batch, torch.zeros(len(batch), dtype=torch.long, device=batch.rewards.device)
-    n_prompts = int(batch.prompt_index.max()) + 1 if len(batch) else 0
-    sizes = _all_gather_ints([len(batch), n_prompts, batch.reward_errors, batch.reward_timeouts], parallel)
+
+    def count(ids: torch.Tensor | None) -> int:
+        return int(ids.max()) + 1 if ids is not None and len(ids) else 0
+
+    renumbered = ("prompt_index", "episode_ids", "tree_ids")  # rank-local ids, offset by the previous ranks' counts
+    sizes = _all_gather_ints([len(batch), *(count(getattr(batch, name)) for name in renumbered),
+                              batch.reward_errors, batch.reward_timeouts], parallel)
     parts: list[dict[str, Any]] = [{} for _ in range(parallel.world_size)]
     for f in fields(RolloutBatch):
         value = getattr(batch, f.name)
@@ -331,14 +337,17 @@ def gather_batch(batch, parallel: Parallel):
             continue
         for rank, piece in enumerate(pieces):
             parts[rank][f.name] = piece
-    offset = 0
+    offsets = [0] * len(renumbered)
     batches = []
     for rank, part in enumerate(parts):
-        index = part["prompt_index"] + offset
+        for k, name in enumerate(renumbered):
+            if part.get(name) is not None:
+                part[name] = part[name] + offsets[k]
+            offsets[k] += int(sizes[rank, 1 + k])
+        index = part["prompt_index"]
         private = part["group_ids"] < 0  # expert rows outside the rollouts' group keep their own negative id
-        part["prompt_index"], part["group_ids"] = index, torch.where(private, -(index + 1), index)
-        offset += int(sizes[rank, 1])
-        batches.append(RolloutBatch(**part, reward_errors=int(sizes[rank, 2]), reward_timeouts=int(sizes[rank, 3])))
+        part["group_ids"] = torch.where(private, -(index + 1), index)
+        batches.append(RolloutBatch(**part, reward_errors=int(sizes[rank, 4]), reward_timeouts=int(sizes[rank, 5])))
     origin = torch.cat([torch.full((int(n),), rank, dtype=torch.long) for rank, n in enumerate(sizes[:, 0])])
     nonempty = [b for b in batches if len(b)]
     merged = RolloutBatch.concat(nonempty) if nonempty else batch

@@ -20,7 +20,9 @@ Two pieces, joined by the stateful-baseline protocol (`unipo.critics.StatefulBas
   collector (`RolloutCollector(critic=...)`); the data source uses only the protocol's hooks.
 
 A pair batch has no episode rows, so the trainer's own `prepare` call on it (`Trainer.learn`) teaches the critic
-nothing more. One process only: the critic learns inside collection, from this process's episodes.
+nothing more. Under torchrun with DDP each rank's critic learns from the global batch of episodes (the collector's
+`gather`) with identically seeded shuffles, so the replicas stay equal, and each rank ranks the candidates at its own
+turn states; FSDP is refused in one line (the critic copies the whole policy).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from unipo.core import validate
 from unipo.core.sweet import bradley_terry_loss, candidate_pairs, trajectory_pairs, trajectory_scores, turn_advantages
-from unipo.critics import BASELINES, StatefulBaseline
+from unipo.critics import BASELINES, StatefulBaseline, require_whole_model
 
 # the authors' privileged prefix (sweet_rl @38daf2a5, scripts/evaluate_code.py and rank_best_of_n.py)
 PRIVILEGED_TEMPLATE = "In light that the final answer is: {reference}."
@@ -72,6 +74,7 @@ class SweetCritic(StatefulBaseline):
     # -- the protocol ------------------------------------------------------------------------------------------
     def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
         """The critic and its frozen reference: two copies of the policy's (initial) weights."""
+        require_whole_model(model, "sweet_critic")
         self.critic = copy.deepcopy(model).to(device)
         self.reference = copy.deepcopy(model).to(device).eval()
         for p in self.reference.parameters():
@@ -232,12 +235,15 @@ def collect_turn_pairs(collector, *, seed: int, step: int):
     if critic is None:
         raise ValueError(f"recipe {collector.recipe.name}: recipe.data=turn_pairs ranks candidate actions with the "
                          f"recipe's stateful baseline (recipe.baseline), and the collector was given none")
-    if collector.world_size > 1:
-        raise ValueError("recipe.data=turn_pairs trains its critic inside collection, on one process's episodes: "
-                         "data-parallel runs are not supported")
+    if collector.world_size > 1 and collector.gather is None:
+        raise ValueError("recipe.data=turn_pairs trains its critic inside collection: a multi-process collector "
+                         "needs `gather` (the trainer passes unipo.distributed.gather_batch)")
     params = turn_pair_params(collector.recipe.data_params)
     episodes, stats = collect_episodes(collector, seed=seed, step=step)
-    stats = {**stats, **critic.prepare(episodes)}
+    # Every rank's critic learns from every rank's episodes (the same global batch, the same seeded shuffles), so
+    # the replicas stay equal; each rank then ranks the candidates at its own turn states.
+    every = collector.gather(episodes) if collector.world_size > 1 else episodes
+    stats = {**stats, **critic.prepare(every)}
     states = episodes.rows(~episodes.off_policy) if len(episodes) else episodes
     if len(states) == 0:
         return collector._empty(), {**stats, "rollout/pairs": 0.0, "rollout/turn_states": 0.0}

@@ -108,7 +108,9 @@ class Trainer:
                                           generator=self.generator,
                                           shard=(self.parallel.rank, self.parallel.world_size), engine=self.engine,
                                           pairs=config.pairs, oracle=config.oracle, reference=self.reference,
-                                          env=config.env, critic=self.tracker)  # (turn_pairs ranks with it)
+                                          env=config.env, critic=self.tracker,  # (turn_pairs ranks with it)
+                                          gather=(lambda batch: gather_batch(batch, self.parallel)[0])
+                                          if self.parallel.active else None)
         self.update = PolicyUpdate(config, forward=self._policy_forward, parameters=self.trainable_modules_parameters,
                                    optimizer=self.optimizer, loss=slot_choices(self.recipe)[1],
                                    value_head=self.value_head, max_len=self.max_new_tokens,
