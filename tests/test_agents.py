@@ -287,3 +287,106 @@ def test_a_chat_template_is_given_the_tool_schemas_and_tool_results_as_tool_mess
 
     with pytest.raises(ValueError, match="tool undocumented: document it"):
         register_tool(undocumented)
+
+    def unannotated(x: int):
+        """No return type.
+
+        Args:
+            x: a number
+        """
+        return x
+
+    with pytest.raises(ValueError, match="tool unannotated: annotate what it returns: -> float, -> int or -> str"):
+        register_tool(unannotated)
+
+
+def scripted_calculator(tokenizer, *, pad_first_call: int = 0, alternate: bool = True):
+    """A scripted calculator player: with `alternate`, on a problem with an odd first factor, every second episode
+    (by how often it has seen that first prompt) calls calc("1+1") and so fails; all others call the product and
+    answer its value. A first call padded with `pad_first_call` spaces is cut off at the action budget (the call
+    itself still runs)."""
+    import collections
+    import re
+
+    seen = collections.Counter()
+
+    def policy(text: str) -> str:
+        a, b = map(int, re.search(r"What is (\d+)\*(\d+)\?", text).groups())
+        if "\n= " not in text:  # the first turn: no tool result yet
+            seen[text] += 1
+            if alternate and a % 2 and seen[text] % 2 == 0:
+                return '<tool>calc("1+1")</tool>'
+            return f'<tool>calc("{a}*{b}")</tool>' + " " * pad_first_call
+        return str(a * b)
+
+    return ScriptedEngine(tokenizer, policy)
+
+
+def calculator_collector(tiny, recipe, engine, *, prompts=3, group=2, tries=3):
+    from unipo.collect import RolloutCollector
+    from unipo.config import RolloutConfig
+
+    model, tokenizer = tiny
+    rollout = RolloutConfig(prompts_per_step=prompts, group_size=group, max_resample_tries=tries)
+    return RolloutCollector(model, tokenizer, None, recipe, rollout, max_new_tokens=32, device=torch.device("cpu"),
+                            generator=torch.Generator().manual_seed(0), engine=engine, env="calculator")
+
+
+def test_dynamic_sampling_keeps_only_problems_whose_episodes_disagree_and_refills(tiny):
+    """DAPO's filter on episodes: problems whose own episodes all succeed (an even first factor, here) are dropped;
+    more problems are drawn, round by round, until the step has its 3 problems of mixed success; each kept problem's
+    episodes form one group, numbered 0, 1, 2 in the order they were kept. Off, the first draw is the batch."""
+    import dataclasses
+
+    from unipo.collect import _mix_seed
+    from unipo.recipes import get_recipe
+
+    recipe = get_recipe("multiturn_grpo")
+    plain, plain_stats = calculator_collector(tiny, recipe, scripted_calculator(tiny[1])).collect(seed=5, step=2)
+    first_draw = Calculator.sample(3, seed=_mix_seed(5, 2, 0), split="train")
+    assert plain.prompts[::2] == [p.prompt for p in first_draw for _ in range(2)]  # 2 turns an episode
+    assert plain_stats["rollout/generation_rounds"] == 1.0 and plain_stats["rollout/groups_kept"] == 3.0
+
+    recipe = dataclasses.replace(recipe, dynamic_sampling=True)
+    batch, stats = calculator_collector(tiny, recipe, scripted_calculator(tiny[1])).collect(seed=5, step=2)
+    expected, rounds = [], 0
+    while len(expected) < 3 and rounds <= 3:
+        draw = Calculator.sample(3, seed=_mix_seed(5, 2, rounds), split="train")
+        expected += [p for p in draw if int(p.meta["expression"].split("*")[0]) % 2][:3 - len(expected)]
+        rounds += 1
+    assert rounds > 1 and len(expected) == 3  # (this seed's first draw has an even first factor)
+    assert stats["rollout/generation_rounds"] == float(rounds) and stats["rollout/groups_kept"] == 3.0
+    for group, problem in enumerate(expected):
+        rows = (batch.prompt_index == group).nonzero().flatten().tolist()
+        assert {batch.prompts[r] for r in rows} == {problem.prompt}
+        assert sorted(set(batch.correct[rows].tolist())) == [False, True]  # one episode solved it, one did not
+    assert float(batch.correct.float().mean()) < 1.0 and stats["env/episodes"] == 2.0 * 3 * rounds
+
+
+def test_zero_truncated_zeroes_the_outcome_of_an_episode_with_an_action_cut_off(tiny):
+    """An episode whose first action ran past the 32-token action budget (the call inside it still ran) and then
+    answered right: success (the environment's), but outcome 0 under `zero_truncated`; 1 without."""
+    import dataclasses
+
+    from unipo.recipes import get_recipe
+
+    recipe = get_recipe("multiturn_grpo")
+    for zero, reward in ((False, 1.0), (True, 0.0)):
+        engine = scripted_calculator(tiny[1], pad_first_call=20, alternate=False)
+        batch, _ = calculator_collector(tiny, dataclasses.replace(recipe, zero_truncated=zero), engine,
+                                        prompts=1, group=1).collect(seed=0, step=0)
+        assert batch.truncated.tolist() == [True, False] and batch.correct.tolist() == [True, True]
+        assert batch.rewards.tolist() == [reward, reward] and batch.turn_rewards.tolist() == [1.0, 1.0]
+
+
+def test_dynamic_sampling_and_zero_truncated_are_refused_for_trees_and_turn_pairs():
+    import dataclasses
+
+    from unipo.config import RolloutConfig, TrainConfig
+    from unipo.recipes import get_recipe
+
+    for name in ("tree_grpo", "sweet_rl"):
+        for flag in ("dynamic_sampling", "zero_truncated"):
+            recipe = dataclasses.replace(get_recipe(name), **{flag: True})
+            with pytest.raises(ValueError, match=f"recipe.{flag}=true is not built for recipe.data="):
+                TrainConfig(recipe=recipe, env="guess_number", rollout=RolloutConfig(prompts_per_step=2, group_size=8))
