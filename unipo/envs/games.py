@@ -87,9 +87,9 @@ class Calculator(Environment):
     answer is the tool's result, not the model's own), else 0. Demonstration: the call, then its value.
 
     The demonstration's call is the short positional form for the tiny model (one token a character, 1M parameters),
-    which must copy the factors into the call and the tool's value into the answer: with it, SFT on demonstrations
-    at lr 5e-4 learns both copies after ~150 steps of 16 problems, ~50-100 steps sooner than with the keyword form
-    `calc(expression="37*24")` (docs/agents.md, "Environments")."""
+    which must copy the factors into the call and the tool's value into the answer: with it, 200 SFT steps of 16
+    problems at lr 5e-4 reach held-out success 0.94-0.97, where the keyword form `calc(expression="37*24")` at lr 3e-3
+    stayed near 0 (docs/agents.md, "Environments")."""
 
     name = "calculator"
     max_turns = 3
