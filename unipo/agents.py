@@ -145,23 +145,32 @@ def play_episodes(engine, tokenizer, env_cls: type[Environment], episodes: list[
 
 def expert_episodes(tokenizer, env_cls: type[Environment], problems: list[Problem], n: int) -> list[Episode]:
     """n replays of each problem's demonstration (`env_cls.demonstrate`), as episodes of off-policy turns."""
+    replays = [(i, problem, env_cls.demonstrate(problem)) for i, problem in enumerate(problems) for _ in range(n)]
+    return replay_episodes(tokenizer, env_cls, replays, expert=True)
+
+
+def replay_episodes(tokenizer, env_cls: type[Environment], replays: list[tuple[int, Problem, list[str]]], *,
+                    expert: bool) -> list[Episode]:
+    """Each (group, problem, actions) played in a fresh environment, action by action until it says done: episodes
+    whose turns are those actions' tokens (EOS-terminated; sampling log-probs 0, unknown) and the environment's
+    observations and rewards. Demonstrations (`expert=True`: off-policy rows) and recorded episodes
+    (`unipo.episode_files`)."""
     eos = tokenizer.eos_token_id
     episodes = []
-    for i, problem in enumerate(problems):
-        for _ in range(n):
-            env = env_cls()
-            episode = Episode(problem, i, env.reset(problem), expert=True, tools=env_cls.tools)
-            for action in env_cls.demonstrate(problem):
-                prompt = _encode(tokenizer, _conversation(tokenizer, episode))
-                observation, reward, done, info = env.step(action)
-                ids = _encode(tokenizer, action) + [eos]
-                episode.turns.append(Turn(prompt, ids, [0.0] * len(ids), action, observation, float(reward), False,
-                                          observation_role=info.get("observation_role", "user")))
-                episode.tool_errors += int(info.get("tool_errors", 0))
-                if done:
-                    break
-            episode.outcome, episode.success = float(env.outcome()), bool(env.success())
-            episodes.append(episode)
+    for group, problem, actions in replays:
+        env = env_cls()
+        episode = Episode(problem, group, env.reset(problem), expert=expert, tools=env_cls.tools)
+        for action in actions:
+            prompt = _encode(tokenizer, _conversation(tokenizer, episode))
+            observation, reward, done, info = env.step(action)
+            ids = _encode(tokenizer, action) + [eos]
+            episode.turns.append(Turn(prompt, ids, [0.0] * len(ids), action, observation, float(reward), False,
+                                      observation_role=info.get("observation_role", "user")))
+            episode.tool_errors += int(info.get("tool_errors", 0))
+            if done:
+                break
+        episode.outcome, episode.success = float(env.outcome()), bool(env.success())
+        episodes.append(episode)
     return episodes
 
 

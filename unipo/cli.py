@@ -465,6 +465,58 @@ def evaluate(
 
 
 @app.command()
+def episodes(
+    env: str = typer.Option(..., "--env", help="Environment (unipo.envs): guess_number, calculator, frozen_lake, "
+                                               "gym:<id>."),
+    out: str = typer.Option(..., help="The episode file to write (JSON lines, one episode a line)."),
+    model: str = typer.Option("tiny", help="Model folder (e.g. RUN/checkpoint-N), hub id or 'tiny'."),
+    problems: int = typer.Option(64, help="Training problems of the environment."),
+    group: int = typer.Option(8, help="Episodes per problem."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    seed: int = typer.Option(0, help="Seed (problems and sampling)."),
+) -> None:
+    """Record a fixed set of episodes: the model plays `--group` episodes of each of `--problems` training problems;
+    train on them offline with SWEET-RL (`recipe.data_params.trajectories=FILE`, docs/agents.md)."""
+    try:
+        if problems < 1 or group < 1:
+            fail(f"--problems and --group must be >= 1, got {problems} and {group}")
+        if not 0 < temperature < float("inf"):
+            fail(f"--temperature must be a finite number > 0, got {temperature}")
+        if os.path.isdir(out):
+            fail(f"--out {out!r} is a folder; give the episode file's path")
+        _check_writable(os.path.dirname(os.path.abspath(out)))  # its folder (made by the write if missing)
+        import torch
+        from tqdm import tqdm
+
+        from unipo.agents import episode_stats, run_episodes
+        from unipo.engine.native import NativeEngine
+        from unipo.envs import get_env
+        from unipo.episode_files import episode_record, problem_record, write_episodes
+        from unipo.models import load_model
+
+        env_cls = get_env(env)
+        drawn = env_cls.sample(problems, seed=seed, split="train")  # (an unknown env fails here, before the model)
+        problem_record(env, drawn[0])  # problems that cannot be JSON fail here, before the model loads
+        the_model, tokenizer = load_model(model)
+        engine, generator = NativeEngine(the_model), torch.Generator(device=the_model.device).manual_seed(seed)
+        played, records = [], []
+        chunk = 16  # problems a batch of episodes (one progress tick)
+        for start in tqdm(range(0, len(drawn), chunk), desc=f"episodes of {env}", unit="batch"):
+            part = drawn[start:start + chunk]
+            batch = run_episodes(engine, tokenizer, env_cls, part, group, max_new_tokens=env_cls.max_action_tokens,
+                                 temperature=temperature, generator=generator)
+            played += batch
+            records += [episode_record(env, start + e.group, e) for e in batch]
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_episodes(out, records)
+    except USER_ERRORS as err:
+        fail(user_error_message(err) or str(err))
+    stats = episode_stats(played)
+    typer.echo(f"wrote {len(records)} episodes of {len(drawn)} problems to {out} (success {stats['env/success']:.3f}, "
+               f"{stats['env/turns_mean']:.2f} turns on average)")
+
+
+@app.command()
 def plot(runs: list[str] = typer.Argument(..., help="Run folder(s).", metavar="RUN..."),
          out: Optional[str] = typer.Option(None, help="PNG path: a single run's plot (default RUN/curves.png), or "
                                                       "the overlay of several (default next to the runs)."),

@@ -1,5 +1,5 @@
-"""SWEET-RL (arXiv 2503.15478) online: a critic LM that reads privileged training-time information, and the
-turn-level preference pairs it ranks for the policy's DPO.
+"""SWEET-RL (arXiv 2503.15478), online or from recorded episodes: a critic LM that reads privileged training-time
+information, and the turn-level preference pairs it ranks for the policy's DPO.
 
 Two pieces, joined by the stateful-baseline protocol (`unipo.critics.StatefulBaseline`):
 
@@ -12,12 +12,14 @@ Two pieces, joined by the stateful-baseline protocol (`unipo.critics.StatefulBas
   `pairs_per_update` pairs, its own AdamW. `baseline(batch)` is each row's advantage: beta times the critic's
   mean log-prob of the action minus, by default, the sampler's (`ranking_reference`).
 - `collect_turn_pairs` (`recipe.data = turn_pairs`): each step, the policy's episodes (as `recipe.data =
-  episodes`); the critic learns from them (`prepare`); at every turn state the policy took, `candidates` fresh
-  actions are sampled (one `engine.generate` call), scored by the critic (`baseline`), and `pairs_per_state`
-  (higher, lower) pairs are drawn from the top and bottom halves of the ranking. The batch is those pairs (two
-  consecutive rows, chosen first; the policy's own prompt, no privileged text), for a pairwise loss against the
-  reference (the recipe's: DPO plus 0.01 NLL of the chosen). The trainer hands its stateful baseline to the
-  collector (`RolloutCollector(critic=...)`); the data source uses only the protocol's hooks.
+  episodes`), or with `data_params.trajectories` the step's problems of a recorded episode file, replayed
+  (`unipo.episode_files`, the authors' offline setting); the critic learns from them (`prepare`); at every turn
+  state the policy took, `candidates` fresh actions are sampled (one `engine.generate` call), scored by the critic
+  (`baseline`), and `pairs_per_state` (higher, lower) pairs are drawn from the top and bottom halves of the
+  ranking. The batch is those pairs (two consecutive rows, chosen first; the policy's own prompt, no privileged
+  text), for a pairwise loss against the reference (the recipe's: DPO plus 0.01 NLL of the chosen). The trainer
+  hands its stateful baseline to the collector (`RolloutCollector(critic=...)`); the data source uses only the
+  protocol's hooks.
 
 A pair batch has no episode rows, so the trainer's own `prepare` call on it (`Trainer.learn`) teaches the critic
 nothing more. Under torchrun with DDP each rank's critic learns from the global batch of episodes (the collector's
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +43,9 @@ from unipo.critics import BASELINES, StatefulBaseline, require_whole_model
 # the authors' privileged prefix (sweet_rl @38daf2a5, scripts/evaluate_code.py and rank_best_of_n.py)
 PRIVILEGED_TEMPLATE = "In light that the final answer is: {reference}."
 RANKING_REFERENCES = ("sampler", "critic_reference")
-TURN_PAIR_DEFAULTS = {"candidates": 16, "pairs_per_state": 4}  # the authors' best_of_n and --num_pairs
+# the authors' best_of_n and --num_pairs; `trajectories`: a recorded episode file to train from offline, as they do
+# (unipo.episode_files), instead of the policy's fresh episodes each step
+TURN_PAIR_DEFAULTS = {"candidates": 16, "pairs_per_state": 4, "trajectories": None}
 _SCORE_ROWS = 64  # rows per no-grad critic forward (memory bound only: the numbers do not depend on it)
 
 
@@ -210,7 +215,7 @@ class SweetCritic(StatefulBaseline):
                              "episode batches carry (recipe.data=episodes or turn_pairs)")
 
 
-def turn_pair_params(params: Mapping[str, Any]) -> dict[str, int]:
+def turn_pair_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """`recipe.data_params` of `recipe.data = turn_pairs`, with the defaults filled in; ValueError on a bad one."""
     unknown = sorted(set(params) - set(TURN_PAIR_DEFAULTS))
     if unknown:
@@ -220,6 +225,10 @@ def turn_pair_params(params: Mapping[str, Any]) -> dict[str, int]:
     for key, low in (("candidates", 2), ("pairs_per_state", 1)):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < low:
             raise ValueError(f"recipe.data_params.{key} must be an int >= {low}, got {out[key]!r}")
+    path = out["trajectories"]
+    if path is not None and not (isinstance(path, str) and Path(path).is_file()):
+        raise ValueError(f"recipe.data_params.trajectories must be an episode file (unipo episodes --out FILE), got "
+                         f"{path!r}" + (": no such file" if isinstance(path, str) else ""))
     return out
 
 
@@ -239,7 +248,12 @@ def collect_turn_pairs(collector, *, seed: int, step: int):
         raise ValueError("recipe.data=turn_pairs trains its critic inside collection: a multi-process collector "
                          "needs `gather` (the trainer passes unipo.distributed.gather_batch)")
     params = turn_pair_params(collector.recipe.data_params)
-    episodes, stats = collect_episodes(collector, seed=seed, step=step)
+    if params["trajectories"]:  # offline: the step's problems of a recorded file, replayed (unipo.episode_files)
+        from unipo.episode_files import offline_episodes
+
+        episodes, stats = offline_episodes(collector, params["trajectories"], seed=seed, step=step)
+    else:
+        episodes, stats = collect_episodes(collector, seed=seed, step=step)
     # Every rank's critic learns from every rank's episodes (the same global batch, the same seeded shuffles), so
     # the replicas stay equal; each rank then ranks the candidates at its own turn states.
     every = collector.gather(episodes) if collector.world_size > 1 else episodes
