@@ -1,12 +1,14 @@
 """SWEET-RL's critic at 2 processes: one training step under torchrun, then the critic replicas compared.
 
-    torchrun --nproc_per_node 2 tests/sweet_distributed.py OUT parallel=ddp
+    torchrun --nproc_per_node 2 tests/sweet_distributed.py OUT parallel=ddp [trajectories=FILE]
 
 The critic learns inside collection (`unipo.sweet`). Each rank's episodes come from a scripted engine that guesses
 at random (seeded by rank, so the ranks' episodes differ and some succeed); rank 0 writes OUT/sweet.json: how many
 episode rows the critic's `prepare` was given on each rank and how many each rank collected, whether the ranks'
-critic weights are bit-identical after the step, and whether they moved. Under FSDP the trainer refuses the
-recipe when it is built; rank 0 writes the message to OUT/sweet.fsdp_refusal.txt.
+critic weights are bit-identical after the step, and whether they moved. With `trajectories=FILE` the episodes
+are the recorded file's (offline, `unipo.episode_files`), each rank replaying its share of the step's problems.
+Under FSDP the trainer refuses the recipe when it is built; rank 0 writes the message to
+OUT/sweet.fsdp_refusal.txt.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ def flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().double().flatten() for p in module.parameters()])
 
 
-def main(out: Path, mode: str) -> None:
+def main(out: Path, mode: str, trajectories: str | None) -> None:
     parallel = from_environment(mode)
     out.mkdir(parents=True, exist_ok=True)
     recipe = get_recipe("sweet_rl")
     recipe = dataclasses.replace(recipe, baseline_params={**recipe.baseline_params, "lr": 1e-2},
-                                 data_params={"candidates": 2, "pairs_per_state": 1})
+                                 data_params={"candidates": 2, "pairs_per_state": 1, "trajectories": trajectories})
     config = TrainConfig(recipe=recipe, model="tiny", steps=1, seed=0, env="guess_number", parallel=mode,
                          rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=2),
                          optim=OptimConfig(lr=1e-3), eval_problems=2)
@@ -74,4 +76,4 @@ def main(out: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     settings = dict(arg.split("=", 1) for arg in sys.argv[2:])
-    main(Path(sys.argv[1]), settings.get("parallel", "ddp"))
+    main(Path(sys.argv[1]), settings.get("parallel", "ddp"), settings.get("trajectories"))

@@ -124,12 +124,20 @@ def test_resume_at_two_processes_from_one(tmp_path):
     assert steps == [1, 2]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-offline"])
 def test_sweet_rl_critic_replicas_learn_from_every_ranks_episodes(mode, tmp_path):
     """SWEET-RL's critic learns inside collection: at 2 processes (DDP) each rank's critic is given the global batch
-    of episodes (both ranks' rows), and after the step the replicas are bit-identical and have moved. FSDP refuses
-    the recipe in one line."""
-    _run(_torchrun(str(SCRIPT.parent / "sweet_distributed.py"), str(tmp_path), f"parallel={mode}"), cwd=ROOT)
+    of episodes (both ranks' rows), fresh or replayed from a recorded file, and after the step the replicas are
+    bit-identical and have moved. FSDP refuses the recipe in one line."""
+    extra = []
+    if mode == "ddp-offline":  # a recorded file of a scripted player (some episodes succeed)
+        from tests.test_episode_files import recorded_file
+        from unipo.models import load_model
+
+        recorded_file(load_model("tiny", device="cpu")[1], tmp_path / "episodes.jsonl", problems=4, group=4)
+        extra = [f"trajectories={tmp_path / 'episodes.jsonl'}"]
+    _run(_torchrun(str(SCRIPT.parent / "sweet_distributed.py"), str(tmp_path), f"parallel={mode.split('-')[0]}",
+                   *extra), cwd=ROOT)
     if mode == "fsdp":
         assert (tmp_path / "sweet.fsdp_refusal.txt").read_text() == (
             "sweet_critic copies the whole policy and samples from it on every rank: FSDP shards it; use "
