@@ -121,14 +121,14 @@ def main(out: Path, parallel_mode: str) -> None:
     for name in CASES:
         if parallel.fsdp and get_recipe(name).value_coef > 0:
             continue  # FSDP refuses a value head (TrainConfig)
-        config = config_for(name, parallel_mode)
-        if parallel.fsdp and name == "archer":  # refused in one line when the trainer is built, on every rank
+        if parallel.fsdp and name == "archer":  # refused in one line when the config is built, on every rank
             try:
-                learn(config, fixed_batch(config), None)
+                config_for(name, parallel_mode)
             except ValueError as error:
                 if parallel.is_main:
                     (out / "archer.fsdp_refusal.txt").write_text(str(error))
             continue
+        config = config_for(name, parallel_mode)
         ordered, origin = sharded_order(fixed_batch(config), WORLD)
         if parallel.active:
             assert parallel.world_size == WORLD

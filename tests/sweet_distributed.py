@@ -7,7 +7,7 @@ at random (seeded by rank, so the ranks' episodes differ and some succeed); rank
 episode rows the critic's `prepare` was given on each rank and how many each rank collected, whether the ranks'
 critic weights are bit-identical after the step, and whether they moved. With `trajectories=FILE` the episodes
 are the recorded file's (offline, `unipo.episode_files`), each rank replaying its share of the step's problems.
-Under FSDP the trainer refuses the recipe when it is built; rank 0 writes the message to
+Under FSDP the config refuses the recipe when it is built; rank 0 writes the message to
 OUT/sweet.fsdp_refusal.txt.
 """
 
@@ -40,18 +40,18 @@ def main(out: Path, mode: str, trajectories: str | None) -> None:
     recipe = get_recipe("sweet_rl")
     recipe = dataclasses.replace(recipe, baseline_params={**recipe.baseline_params, "lr": 1e-2},
                                  data_params={"candidates": 2, "pairs_per_state": 1, "trajectories": trajectories})
-    config = TrainConfig(recipe=recipe, model="tiny", steps=1, seed=0, env="guess_number", parallel=mode,
-                         rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=2),
-                         optim=OptimConfig(lr=1e-3), eval_problems=2)
-    torch.manual_seed(0)
-    model, tokenizer = load_model("tiny")
     try:
-        trainer = Trainer(config, model=model, tokenizer=tokenizer, progress=False)
+        config = TrainConfig(recipe=recipe, model="tiny", steps=1, seed=0, env="guess_number", parallel=mode,
+                             rollout=RolloutConfig(prompts_per_step=4, group_size=4, max_new_tokens=2),
+                             optim=OptimConfig(lr=1e-3), eval_problems=2)
     except ValueError as error:
         if parallel.is_main:
             (out / "sweet.fsdp_refusal.txt").write_text(str(error))
         shutdown()
         return
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny")
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, progress=False)
     guesses = random.Random(parallel.rank)
     trainer.collector.engine = ScriptedEngine(tokenizer, lambda text: str(guesses.randint(1, 15)))
     collected, prepared = [], []

@@ -390,3 +390,16 @@ def test_dynamic_sampling_and_zero_truncated_are_refused_for_trees_and_turn_pair
             recipe = dataclasses.replace(get_recipe(name), **{flag: True})
             with pytest.raises(ValueError, match=f"recipe.{flag}=true is not built for recipe.data="):
                 TrainConfig(recipe=recipe, env="guess_number", rollout=RolloutConfig(prompts_per_step=2, group_size=8))
+
+
+def test_critics_that_copy_the_policy_are_refused_under_fsdp_when_the_config_is_built():
+    """ArCHer's and SWEET-RL's critics copy the whole policy and sample from it on every rank (replicas under DDP):
+    parallel=fsdp, which shards the policy in place, is refused in one line before any model loads."""
+    from unipo.config import TrainConfig
+    from unipo.recipes import get_recipe
+
+    for name, baseline in (("archer", "archer_critic"), ("sweet_rl", "sweet_critic")):
+        TrainConfig(recipe=get_recipe(name), env="guess_number", parallel="ddp")
+        with pytest.raises(ValueError, match=f"recipe.baseline={baseline} copies the whole policy and samples from "
+                                             f"it on every rank: FSDP shards it; use parallel=ddp"):
+            TrainConfig(recipe=get_recipe(name), env="guess_number", parallel="fsdp")

@@ -70,8 +70,8 @@ def test_two_processes_compute_the_one_process_update(mode, one_process, tmp_pat
     _run(_torchrun(str(SCRIPT), str(tmp_path), f"parallel={mode}"))
     if mode == "fsdp":  # ArCHer's critic copies the whole policy: refused under FSDP, in one line
         assert (tmp_path / "archer.fsdp_refusal.txt").read_text() == (
-            "archer_critic copies the whole policy and samples from it on every rank: FSDP shards it; use "
-            "parallel=ddp")
+            "recipe.baseline=archer_critic copies the whole policy and samples from it on every rank: FSDP shards "
+            "it; use parallel=ddp")
     for name in RECIPES:
         if mode == "fsdp" and name in ("ppo", "archer"):
             continue  # FSDP refuses a value head (TrainConfig) and ArCHer's critic
@@ -140,8 +140,8 @@ def test_sweet_rl_critic_replicas_learn_from_every_ranks_episodes(mode, tmp_path
                    *extra), cwd=ROOT)
     if mode == "fsdp":
         assert (tmp_path / "sweet.fsdp_refusal.txt").read_text() == (
-            "sweet_critic copies the whole policy and samples from it on every rank: FSDP shards it; use "
-            "parallel=ddp")
+            "recipe.baseline=sweet_critic copies the whole policy and samples from it on every rank: FSDP shards "
+            "it; use parallel=ddp")
         return
     result = json.loads((tmp_path / "sweet.json").read_text())
     assert min(result["collected"]) > 0 and result["prepared"] == [sum(result["collected"])] * 2

@@ -47,7 +47,7 @@ from unipo.core.archer import (
     soft_update_target,
     td_targets,
 )
-from unipo.critics import BASELINES, StatefulBaseline, require_whole_model
+from unipo.critics import BASELINES, StatefulBaseline
 
 BACKBONES = ("copy", "tiny")
 
@@ -179,7 +179,13 @@ class ArcherCritic(StatefulBaseline):
     scripts/config/*.yaml @7c771a76 in brackets): `lr` [2e-5 with roberta-base], `gamma` [0.95], `tau` [0.1],
     `critic_steps` gradient steps per training step [epochs: 50], `critic_batch` transitions per step [batch_size 8 x
     grad_accum_steps 32 = 256], `max_grad_norm` [1.0], `capacity` [100000], `temperature` of the fresh actions (the
-    rollout temperature) [1.0], `backbone` ("copy" | "tiny"), `train_backbone` [True]."""
+    rollout temperature) [1.0], `backbone` ("copy" | "tiny"), `train_backbone` [True].
+
+    Under torchrun every rank keeps a whole replica: `prepare` and `baseline` get the global batch (`Trainer.learn`),
+    draws and fresh actions come from streams seeded alike and a DDP policy is whole on every rank, so the replicas
+    stay equal without communicating (FSDP, which shards the policy, is refused by `TrainConfig`)."""
+
+    needs_whole_model = True  # its backbone copies the policy, its fresh actions sample from it
 
     def __init__(self, *, backbone: str = "copy", train_backbone: bool = True, lr: float = 2e-5,
                  gamma: float = 0.95, tau: float = 0.1, critic_steps: int = 50, critic_batch: int = 256,
@@ -207,10 +213,6 @@ class ArcherCritic(StatefulBaseline):
     def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
         from unipo.models import TINY_SIZES, context_length
 
-        # Under torchrun every rank keeps a whole replica of the critic: `prepare` and `baseline` get the global
-        # batch (`Trainer.learn`), draws and fresh actions come from streams seeded alike, and a DDP policy is whole
-        # on every rank, so the replicas stay equal without communicating. FSDP2's policy is sharded in place.
-        require_whole_model(model, "archer_critic")
         self.policy, self.device = model, torch.device(device)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos

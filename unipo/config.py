@@ -458,6 +458,12 @@ class TrainConfig:
         if self.parallel == "fsdp" and (self.lora is not None or self.recipe.value_coef > 0):
             what = "a LoRA adapter" if self.lora is not None else "a value head (recipe.value_coef > 0)"
             raise ValueError(f"parallel=fsdp does not shard {what} yet; use parallel=ddp")
+        if self.parallel == "fsdp" and self.recipe.baseline != "none":
+            from unipo.critics import BASELINES
+
+            if getattr(BASELINES.get(self.recipe.baseline), "needs_whole_model", False):
+                raise ValueError(f"recipe.baseline={self.recipe.baseline} copies the whole policy and samples from it "
+                                 f"on every rank: FSDP shards it; use parallel=ddp")
         check_int("eval_every", self.eval_every, 0)
         check_int("eval_problems", self.eval_problems, 1)
         check_int("save_every", self.save_every, 0)

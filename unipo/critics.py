@@ -22,15 +22,6 @@ from torch import nn
 from unipo.core.advantages import value_tracker_mean, value_tracker_update
 from unipo.core.registry import Registry
 
-
-def require_whole_model(model: nn.Module, who: str) -> None:
-    """A critic that copies the policy, or samples from it, on every rank needs the whole model there: DDP keeps a
-    replica per rank, FSDP shards it in place (its parameters are DTensors). One-line ValueError under FSDP."""
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        raise ValueError(f"{who} copies the whole policy and samples from it on every rank: FSDP shards it; use "
-                         f"parallel=ddp")
-
-
 # Stateful baselines a recipe can choose (`Recipe.baseline`): built once per run, fed each step's rollouts,
 # saved in checkpoints. The value head is PPO's own critic (`Recipe.value_coef`), trained by the loss.
 BASELINES: Registry = Registry("baseline")
@@ -54,7 +45,11 @@ class ValueHead(nn.Module):
 
 
 class StatefulBaseline:
-    """The protocol of a stateful baseline (see the module docstring); every hook but `baseline` may be left as is."""
+    """The protocol of a stateful baseline (see the module docstring); every hook but `baseline` may be left as is.
+    `needs_whole_model`: it copies the policy or samples from it on every rank (a replica per rank under DDP), so
+    `TrainConfig` refuses it with parallel=fsdp, which shards the policy in place."""
+
+    needs_whole_model = False
 
     def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
         """Called once by the trainer before the first step."""

@@ -38,7 +38,7 @@ import torch
 
 from unipo.core import validate
 from unipo.core.sweet import bradley_terry_loss, candidate_pairs, trajectory_pairs, trajectory_scores, turn_advantages
-from unipo.critics import BASELINES, StatefulBaseline, require_whole_model
+from unipo.critics import BASELINES, StatefulBaseline
 
 # the authors' privileged prefix (sweet_rl @38daf2a5, scripts/evaluate_code.py and rank_best_of_n.py)
 PRIVILEGED_TEMPLATE = "In light that the final answer is: {reference}."
@@ -54,6 +54,8 @@ class SweetCritic(StatefulBaseline):
     """SWEET-RL's critic (see the module docstring). Defaults are the authors' (README's critic command: beta 0.1,
     learning rate 2e-7, 4 epochs, batches of 8 pairs; OpenRLHF's Adam betas (0.9, 0.95), weight decay 0, gradient
     clip 1.0)."""
+
+    needs_whole_model = True  # it copies the policy (FSDP would shard it: TrainConfig refuses that)
 
     def __init__(self, *, beta: float = 0.1, lr: float = 2e-7, epochs: int = 4, pairs_per_update: int = 8,
                  max_grad_norm: float = 1.0, ranking_reference: str = "sampler",
@@ -79,7 +81,6 @@ class SweetCritic(StatefulBaseline):
     # -- the protocol ------------------------------------------------------------------------------------------
     def setup(self, *, model, tokenizer, device: torch.device, seed: int) -> None:
         """The critic and its frozen reference: two copies of the policy's (initial) weights."""
-        require_whole_model(model, "sweet_critic")
         self.critic = copy.deepcopy(model).to(device)
         self.reference = copy.deepcopy(model).to(device).eval()
         for p in self.reference.parameters():
