@@ -348,19 +348,23 @@ def test_dynamic_sampling_keeps_only_problems_whose_episodes_disagree_and_refill
     assert plain_stats["rollout/generation_rounds"] == 1.0 and plain_stats["rollout/groups_kept"] == 3.0
 
     recipe = dataclasses.replace(recipe, dynamic_sampling=True)
-    batch, stats = calculator_collector(tiny, recipe, scripted_calculator(tiny[1])).collect(seed=5, step=2)
-    expected, rounds = [], 0
-    while len(expected) < 3 and rounds <= 3:
-        draw = Calculator.sample(3, seed=_mix_seed(5, 2, rounds), split="train")
-        expected += [p for p in draw if int(p.meta["expression"].split("*")[0]) % 2][:3 - len(expected)]
-        rounds += 1
-    assert rounds > 1 and len(expected) == 3  # (this seed's first draw has an even first factor)
-    assert stats["rollout/generation_rounds"] == float(rounds) and stats["rollout/groups_kept"] == 3.0
-    for group, problem in enumerate(expected):
-        rows = (batch.prompt_index == group).nonzero().flatten().tolist()
-        assert {batch.prompts[r] for r in rows} == {problem.prompt}
-        assert sorted(set(batch.correct[rows].tolist())) == [False, True]  # one episode solved it, one did not
-    assert float(batch.correct.float().mean()) < 1.0 and stats["env/episodes"] == 2.0 * 3 * rounds
+    # (5, 2): the first draw has one even first factor; (1, 2) and (2, 0): a later round keeps its problem 0 as group
+    # 1 or 2 while that round's problems 1 and 2 are still to be looked at (the renumbering must not mix them up)
+    for seed, step in ((5, 2), (1, 2), (2, 0)):
+        batch, stats = calculator_collector(tiny, recipe, scripted_calculator(tiny[1])).collect(seed=seed, step=step)
+        expected, rounds = [], 0
+        while len(expected) < 3 and rounds <= 3:
+            draw = Calculator.sample(3, seed=_mix_seed(seed, step, rounds), split="train")
+            expected += [p for p in draw if int(p.meta["expression"].split("*")[0]) % 2][:3 - len(expected)]
+            rounds += 1
+        assert rounds > 1 and len(expected) == 3
+        assert stats["rollout/generation_rounds"] == float(rounds) and stats["rollout/groups_kept"] == 3.0
+        assert batch.prompt_index.unique().tolist() == [0, 1, 2]
+        for group, problem in enumerate(expected):
+            rows = (batch.prompt_index == group).nonzero().flatten().tolist()
+            assert len(rows) == 4 and {batch.prompts[r] for r in rows} == {problem.prompt}  # 2 episodes x 2 turns
+            assert sorted(set(batch.correct[rows].tolist())) == [False, True]  # one episode solved it, one did not
+        assert stats["env/episodes"] == 2.0 * 3 * rounds
 
 
 def test_zero_truncated_zeroes_the_outcome_of_an_episode_with_an_action_cut_off(tiny):

@@ -295,14 +295,12 @@ def collect_episodes(collector, *, seed: int, step: int):
         if n_expert:
             episodes += expert_episodes(collector.tokenizer, env_cls, problems, n_expert)
         played += episodes
-        for i in range(len(problems)):
-            own = [e for e in episodes if e.group == i and not e.expert]
-            if kept >= want or (r.dynamic_sampling and len({e.success for e in own}) < 2):
+        for group in [[e for e in episodes if e.group == i] for i in range(len(problems))]:  # (before renumbering)
+            if kept >= want or (r.dynamic_sampling and len({e.success for e in group if not e.expert}) < 2):
                 continue  # enough problems, or one whose episodes all agree (no signal for a group baseline)
-            for episode in episodes:
-                if episode.group == i:
-                    episode.group = kept
-                    (expert if episode.expert else policy).append(episode)
+            for episode in group:
+                episode.group = kept
+                (expert if episode.expert else policy).append(episode)
             kept += 1
         if not r.dynamic_sampling or kept >= want or tries > cfg.max_resample_tries:
             break
