@@ -145,6 +145,7 @@ class RolloutCollector:
         # batch -> the global batch (every rank's rows; `unipo.distributed.gather_batch`) in a multi-process run:
         # turn_pairs' critic learns from every rank's episodes, so its replicas stay equal
         self.gather = gather
+        self._episode_file = None  # (path, its episodes by problem): turn_pairs' recorded file (unipo.episode_files)
         self._pairs = None
         self._oracle = None
         self._tied = 0  # prompts whose samples all tied this step (no pair)

@@ -122,10 +122,9 @@ def offline_episodes(collector, path: str, *, seed: int, step: int):
 
     env_name = collector.env or "guess_number"
     env_cls = get_env(env_name)
-    cache = getattr(collector, "_episode_file", None)
-    if cache is None or cache[0] != path:
-        collector._episode_file = cache = (path, read_episode_file(path, env_name))
-    groups = cache[1]
+    if collector._episode_file is None or collector._episode_file[0] != path:  # read once a run
+        collector._episode_file = (path, read_episode_file(path, env_name))
+    groups = collector._episode_file[1]
     want_all = math.ceil(collector.recipe.prompt_multiplier * collector.cfg.prompts_per_step)
     chosen = step_problems(len(groups), want_all, seed=seed, step=step)[collector.rank::collector.world_size]
     replays, recorded = [], []
